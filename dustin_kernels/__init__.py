@@ -1,0 +1,12 @@
+"""dustin_kernels: kernels for long-context speculative decoding with sparse verification.
+
+    from dustin_kernels import attention_scores, select_tokens, sparse_verify
+
+See DESIGN.md section 3 for the contract of each op.
+"""
+from .ops.scores import attention_scores
+from .ops.select import select_tokens
+from .ops.verify import dense_verify, sparse_verify, sparse_verify_paged
+
+__all__ = ["attention_scores", "select_tokens", "sparse_verify", "sparse_verify_paged", "dense_verify"]
+__version__ = "0.1.0"

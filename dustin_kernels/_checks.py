@@ -1,0 +1,85 @@
+"""Input validation shared by the public ops: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES, shape_doc: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor{shape_doc and ' ' + shape_doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims {shape_doc}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name}: expected a tensor on {first} like the other inputs, got {dev}")
+    return first
+
+
+def check_power_of_two(name: str, value, upper: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name}: expected a power-of-two int, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name}: expected at most {upper}, got {value}")
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}: expected an int {bound}, got {value}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Value checks read the tensor on the host; skipped while a CUDA graph is being captured."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_seq_lens(seq_lens, batch: int, window: int, n_max: int, device: torch.device) -> None:
+    """seq_lens: int32[B], each in [window, n_max] (the window tokens are already in the cache)."""
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), "int32[B]")
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens: expected shape [{batch}] (one length per sequence), got {tuple(seq_lens.shape)}")
+    if seq_lens.device != device:
+        raise ValueError(f"seq_lens: expected a tensor on {device} like the other inputs, got {seq_lens.device}")
+    if values_checkable(seq_lens) and batch:
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < window:
+            raise ValueError(f"seq_lens: every length must hold the window of {window} tokens, got a length {lo}")
+        if hi > n_max:
+            raise ValueError(f"seq_lens: lengths must not exceed the cache size N_max={n_max}, got {hi}")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale: expected a positive float or None (1/sqrt(D)), got {scale!r}")
+    return float(scale)
+
+
+def check_qk(q, k_cache) -> tuple[int, int, int, int, int]:
+    """q: [B, Hq, T, D], k_cache: [B, Hkv, N_max, D] with Hq = G * Hkv; returns (B, Hq, Hkv, T, D)."""
+    check_tensor("q", q, 4, shape_doc="[B, Hq, T, D]")
+    check_tensor("k_cache", k_cache, 4, shape_doc="[B, Hkv, N_max, D]")
+    B, Hq, T, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: expected shape [B={B}, Hkv, N_max, D={D}], got {tuple(k_cache.shape)}")
+    Hkv = k_cache.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q: number of heads Hq={Hq} must be a multiple of the KV heads Hkv={Hkv} of k_cache")
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache: expected dtype {q.dtype} like q, got {k_cache.dtype}")
+    if T < 1:
+        raise ValueError(f"q: expected at least one query row (T >= 1), got shape {tuple(q.shape)}")
+    return B, Hq, Hkv, T, D

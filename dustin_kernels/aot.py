@@ -1,0 +1,147 @@
+"""Ahead-of-time compile check: render, compile for sm_80 / sm_90 without a GPU, report resources.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline down to a
+cubin (ptxas ships in the triton wheel); `cuobjdump -res-usage` then reports registers, spill stack
+and shared memory. Each op module (`dustin_kernels/ops/*.py`) provides:
+
+- `aot_specs(arch) -> list[KernelSpec]`: the specs to check for an arch (model shapes of
+  `dustin_kernels.shapes.PRESETS`, the window sizes and block sizes it supports);
+- `aot_kernels(spec, config) -> list[AotKernel]`: its jit functions with argument types and constexprs;
+- `default_config(spec, *, batch, context) -> dict`: the config checked here.
+
+    python -m dustin_kernels.aot                 # every kernel family, default configs, model shapes
+    python -m dustin_kernels.aot sparse_verify --json report.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .spec import KernelSpec
+
+CAPABILITY = {"sm80": 80, "sm90": 90}
+
+
+@dataclasses.dataclass(frozen=True)
+class AotKernel:
+    """One jit function of a rendered module with the argument types it is compiled for."""
+    fn: object  # triton JITFunction
+    signature: dict  # arg name -> "*fp16" | "*bf16" | "*fp32" | "*i32" | "i32" | "fp32" | "constexpr"
+    constexprs: dict  # constexpr arg name -> value
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AotResult:
+    uri: str
+    function: str
+    config: dict
+    registers: int
+    spill_bytes: int  # local-memory stack frame + spill stores
+    shared_bytes: int
+    error: str = ""
+
+
+def _cuobjdump() -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack + spill bytes, static shared bytes) of the single kernel in `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+    def field(name):
+        found = re.search(rf"{name}:(\d+)", text)
+        return int(found.group(1)) if found else 0
+
+    return field("REG"), field("STACK") + field("LOCAL"), field("SHARED")
+
+
+def compile_kernel(kernel: AotKernel, arch: str):
+    """Compile for `arch` ('sm80' | 'sm90'); returns triton's CompiledKernel (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(kernel.fn, kernel.signature, kernel.constexprs)
+    target = GPUTarget("cuda", CAPABILITY[arch], 32)
+    options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
+    return triton.compile(source, target=target, options=options)
+
+
+def check(spec: KernelSpec, config: dict, aot_kernels) -> list[AotResult]:
+    """Compile every kernel of `spec` with `config`; a failed compile becomes a result with `error`."""
+    results = []
+    for kernel in aot_kernels(spec, config):
+        name = kernel.fn.__name__
+        try:
+            compiled = compile_kernel(kernel, spec.arch)
+            regs, spill, smem = resource_usage(compiled.asm["cubin"])
+            smem = max(smem, compiled.metadata.shared)
+            results.append(AotResult(spec.uri(), name, config, regs, spill, smem))
+        except Exception as exc:  # a config that fails to compile is a verdict, not a crash
+            results.append(AotResult(spec.uri(), name, config, 0, 0, 0, f"{type(exc).__name__}: {exc}"[:500]))
+    return results
+
+
+FAMILIES = {"attention_scores": "scores", "select_tokens": "select", "sparse_verify": "verify"}
+
+
+def op_module(kernel: str):
+    import importlib
+    return importlib.import_module(f"dustin_kernels.ops.{FAMILIES[kernel]}")
+
+
+def report(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), batch: int = 16, context: int = 32768):
+    """Yield an AotResult per kernel function of every spec of `kernels`, default configs."""
+    from . import dispatch
+
+    for kernel in kernels:
+        module = op_module(kernel)
+        for arch in archs:
+            for spec in module.aot_specs(arch):
+                config = dispatch.config_for(spec, batch, context, module.default_config)
+                yield from check(spec, config, module.aot_kernels)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dustin_kernels.aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kernel", nargs="*", help=f"kernel families, of {list(FAMILIES)} (default: all)")
+    parser.add_argument("--arch", nargs="+", choices=list(CAPABILITY), default=list(CAPABILITY))
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    unknown = set(args.kernel) - set(FAMILIES)
+    if unknown:
+        parser.error(f"kernel: expected some of {list(FAMILIES)}, got {sorted(unknown)}")
+    os.environ.pop("TRITON_INTERPRET", None)
+    rows, failed = [], 0
+    print(f"{'spec':58} {'function':18} {'regs':>5} {'spill B':>8} {'smem B':>8}  config")
+    for r in report(args.kernel or list(FAMILIES), args.arch):
+        rows.append(dataclasses.asdict(r))
+        bad = r.error or r.spill_bytes
+        failed += bool(bad)
+        cfg = " ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
+        print(f"{r.uri:58} {r.function:18} {r.registers:5} {r.spill_bytes:8} {r.shared_bytes:8}  {cfg}"
+              + (f"  ERROR {r.error}" if r.error else "  SPILLS" if r.spill_bytes else ""))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    print(f"{len(rows)} kernels compiled, {failed} failed or spilled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

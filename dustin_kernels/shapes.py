@@ -1,0 +1,24 @@
+"""Attention shapes of the model presets shared by the benchmark, the tuner and the AOT check."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+PRESETS = {
+    "qwen2.5-72b": AttentionShape(64, 8, 128),
+    "qwen2.5-7b": AttentionShape(28, 4, 128),
+    "llama-3.1-8b": AttentionShape(32, 8, 128),
+    "qwen2.5-0.5b": AttentionShape(14, 2, 64),  # the draft of the paper's pair
+    "cpu-small": AttentionShape(8, 2, 64),
+}

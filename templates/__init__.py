@@ -1,0 +1,1 @@
+"""Jinja2 templates of the Triton kernels (`*.py.j2`); shipped as package data."""
