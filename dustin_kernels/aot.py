@@ -11,6 +11,7 @@ and shared memory. Each op module (`dustin_kernels/ops/*.py`) provides:
 
     python -m dustin_kernels.aot                 # every kernel family, default configs, model shapes
     python -m dustin_kernels.aot sparse_verify --json report.json
+    python -m dustin_kernels.aot --quick         # the first two specs per kernel and arch (the test)
 """
 from __future__ import annotations
 
@@ -105,14 +106,15 @@ def op_module(kernel: str):
     return importlib.import_module(f"dustin_kernels.ops.{FAMILIES[kernel]}")
 
 
-def report(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), batch: int = 16, context: int = 32768):
-    """Yield an AotResult per kernel function of every spec of `kernels`, default configs."""
+def report(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), batch: int = 16, context: int = 32768,
+           limit: int | None = None):
+    """Yield an AotResult per kernel function of every spec of `kernels` (the first `limit` per arch)."""
     from . import dispatch
 
     for kernel in kernels:
         module = op_module(kernel)
         for arch in archs:
-            for spec in module.aot_specs(arch):
+            for spec in module.aot_specs(arch)[:limit]:
                 config = dispatch.config_for(spec, batch, context, module.default_config)
                 yield from check(spec, config, module.aot_kernels)
 
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kernel", nargs="*", help=f"kernel families, of {list(FAMILIES)} (default: all)")
     parser.add_argument("--arch", nargs="+", choices=list(CAPABILITY), default=list(CAPABILITY))
+    parser.add_argument("--quick", action="store_true", help="only the first two specs per kernel and arch")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     unknown = set(args.kernel) - set(FAMILIES)
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     rows, failed = [], 0
     print(f"{'spec':58} {'function':18} {'regs':>5} {'spill B':>8} {'smem B':>8}  config")
-    for r in report(args.kernel or list(FAMILIES), args.arch):
+    for r in report(args.kernel or list(FAMILIES), args.arch, limit=2 if args.quick else None):
         rows.append(dataclasses.asdict(r))
         bad = r.error or r.spill_bytes
         failed += bool(bad)
