@@ -7,6 +7,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 # The GPU image runs triton 3.6; testing against the same release keeps the kernels within it.
 TRITON ?= triton==3.6.0
+# Triton 3.6's interpreter calls int() on shape-(1,) arrays, which numpy >= 2.4 refuses
+# (triton-lang/triton#9171): runtime loop bounds fail in the CPU tests without this pin.
+NUMPY ?= numpy<2.4
 BIN := $(VENV)/bin
 
 .PHONY: demo test clean
@@ -14,7 +17,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)"
+	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)" "$(NUMPY)"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

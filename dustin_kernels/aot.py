@@ -38,6 +38,13 @@ class AotKernel:
     constexprs: dict  # constexpr arg name -> value
     num_warps: int = 4
     num_stages: int = 2
+    aligned: tuple = ()  # int args taken as multiples of 16, as the JIT assumes of such values (row strides)
+
+    def attrs(self) -> dict:
+        """Divisibility hints the JIT would derive at run time: pointers (torch allocations are 16-byte
+        aligned) and the `aligned` ints; without them gathers are not vectorised and the report lies."""
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(self.fn.arg_names)
+                if self.signature[name].startswith("*") or name in self.aligned}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,7 @@ def compile_kernel(kernel: AotKernel, arch: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(kernel.fn, kernel.signature, kernel.constexprs)
+    source = ASTSource(kernel.fn, kernel.signature, kernel.constexprs, kernel.attrs())
     target = GPUTarget("cuda", CAPABILITY[arch], 32)
     options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
     return triton.compile(source, target=target, options=options)
@@ -109,14 +116,11 @@ def op_module(kernel: str):
 def report(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), batch: int = 16, context: int = 32768,
            limit: int | None = None):
     """Yield an AotResult per kernel function of every spec of `kernels` (the first `limit` per arch)."""
-    from . import dispatch
-
     for kernel in kernels:
         module = op_module(kernel)
         for arch in archs:
             for spec in module.aot_specs(arch)[:limit]:
-                config = dispatch.config_for(spec, batch, context, module.default_config)
-                yield from check(spec, config, module.aot_kernels)
+                yield from check(spec, module.default_config(spec, batch=batch, context=context), module.aot_kernels)
 
 
 def main(argv=None) -> int:

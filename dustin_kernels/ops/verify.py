@@ -1,0 +1,333 @@
+"""Sparse verification attention (DESIGN.md section 3 item 3) and its dense and paged modes.
+
+Each window query attends the selected history blocks plus the causal window. The Triton kernel packs
+the G*T query rows of one KV head into one tile, so every selected K/V row is read once for all of
+them, and splits the selected list across `num_splits` programs (flash-decoding) whose partial
+results a second small kernel merges. Template: `templates/sparse_verify.py.j2`; variants "" (token
+or block index), "dense" (every history token) and "paged" (index over a paged cache).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .. import _checks, codegen, dispatch
+from ..aot import AotKernel
+from ..shapes import PRESETS
+from ..spec import DTYPE_NAMES, KernelSpec, next_pow2
+
+_SMS = {"sm80": 108, "sm90": 132, "interp": 1}  # the interpreter runs programs one after another
+_TORCH_CHUNK_ELEMS = 1 << 24  # fp32 elements of one gathered K chunk in the torch backend
+
+
+def _block_m(spec: KernelSpec) -> int:
+    return max(16, next_pow2(spec.group * spec.window))
+
+
+def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int = 8) -> dict:
+    """Launch settings used when the perf DB has no entry.
+
+    `context` is the number of history slots a sequence may read (idx width x block_size; the history
+    length N_max - T for the dense variant); `kv_heads` is Hkv (the launcher passes the real one).
+    - BLOCK_N: 64 key rows per tile, 32 when the padded head dim exceeds 128;
+    - num_warps: 4, or 8 when the fp32 accumulator BLOCK_M x BLOCK_D exceeds 8192 elements
+      (BLOCK_M = G*T rounded up to a power of two >= 16);
+    - except BLOCK_N 16 and 8 warps for fp32 (its ieee dots run on FMA units and hold whole operands
+      in registers) and on sm80 when BLOCK_M < BLOCK_D and the accumulator exceeds 4096 elements (the
+      mma layout then spreads the warps along the head dim and each warp holds all query rows);
+    - num_stages: 2;
+    - num_splits: ceil(2 * SMs / (batch * kv_heads)) so that about two waves of programs fill the GPU
+      (SMs: 132 for sm90, 108 for sm80, 1 for the interpreter), clamped to [1, ceil(context / BLOCK_N)].
+    """
+    block_m, block_d = _block_m(spec), next_pow2(spec.head_dim)
+    narrow = spec.dtype == "fp32" or (spec.arch == "sm80" and block_m < block_d and block_m * block_d > 4096)
+    block_n = 16 if narrow else 64 if block_d <= 128 else 32
+    programs = max(1, batch * kv_heads)
+    tiles = max(1, math.ceil(context / block_n))
+    return {
+        "BLOCK_N": block_n,
+        "num_warps": 8 if narrow or block_m * block_d > 8192 else 4,
+        "num_stages": 2,
+        "num_splits": max(1, min(math.ceil(2 * _SMS[spec.arch] / programs), tiles)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _torch_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_size, scale, variant):
+    """(out [B, Hq, T, D] in q's dtype, lse float32 [B, Hq, T]): gather + batched matmul in fp32 with
+    an online softmax over key chunks (so a 128K dense history never materialises at once)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    device = q.device
+    ctx = seq_lens.long() - T  # [B]
+    qf = q.reshape(B, Hkv, G * T, D).float() * scale  # row r = g * T + t of KV head h is q head h*G + g
+    t_of_row = torch.arange(G * T, device=device) % T
+    batch = torch.arange(B, device=device)[:, None]
+
+    def rows(pos):  # pos int64[B, C] -> K, V float32[B, Hkv, C, D]
+        if variant == "paged":
+            page = block_table.long().gather(1, pos // k.shape[2])
+            pos = pos % k.shape[2]
+            return k[page, :, pos].transpose(1, 2).float(), v[page, :, pos].transpose(1, 2).float()
+        return k[batch, :, pos].transpose(1, 2).float(), v[batch, :, pos].transpose(1, 2).float()
+
+    m = torch.full((B, Hkv, G * T), float("-inf"), device=device)
+    l = torch.zeros(B, Hkv, G * T, device=device)
+    acc = torch.zeros(B, Hkv, G * T, D, device=device)
+
+    def attend(kf, vf, mask):  # online-softmax step over one key chunk; mask broadcasts to the scores
+        nonlocal m, l, acc
+        s = (qf @ kf.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)
+        alpha = torch.exp(m - m_use)
+        p = torch.exp(s - m_use[..., None])
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p @ vf
+        m = m_new
+
+    window = torch.arange(T, device=device)
+    attend(*rows(ctx[:, None] + window), (window[None, :] <= t_of_row[:, None]))
+
+    n_slots = k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size
+    chunk = max(128, _TORCH_CHUNK_ELEMS // max(1, B * Hkv * max(D, G * T)))
+    for start in range(0, n_slots, chunk):
+        slots = torch.arange(start, min(start + chunk, n_slots), device=device)
+        if variant == "dense":
+            ok = slots[None, :] < ctx[:, None]
+            kf, vf = k[:, :, start:start + len(slots)].float(), v[:, :, start:start + len(slots)].float()
+        else:
+            pos = idx[:, slots // block_size].long() * block_size + slots % block_size
+            ok = ((slots // block_size)[None, :] < count[:, None]) & (pos < ctx[:, None])
+            kf, vf = rows(torch.where(ok, pos, 0))
+        attend(kf, vf, ok[:, None, None, :])
+
+    out = (acc / l[..., None]).reshape(B, Hq, T, D).to(q.dtype)
+    return out, (m + torch.log(l)).reshape(B, Hq, T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton backend
+
+
+def _spec(q, k, *, block_size, variant) -> KernelSpec:
+    B, Hq, T, D = q.shape
+    return KernelSpec("sparse_verify", dispatch.arch_for(q.device), DTYPE_NAMES[q.dtype], head_dim=D,
+                      group=Hq // k.shape[1], window=T, block_size=block_size if variant != "dense" else 1,
+                      variant=variant)
+
+
+def _triton_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_size, scale, variant):
+    """Launch the kernel; returns (out [B, Hq, T, D] in q's dtype, lse float32 [B, Hq, T]). The launch
+    config comes from `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    spec = _spec(q, k, block_size=block_size, variant=variant)
+    mod = codegen.load(spec)
+    context = k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size
+    default = functools.partial(default_config, kv_heads=Hkv)
+    config = dispatch.config_for(spec, B, context, default, device=q.device)
+    splits = config["num_splits"]
+
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    if splits > 1:
+        ws_o = torch.empty(B * Hq * T, splits, D, dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device)
+    else:  # unused by the kernel when NUM_SPLITS == 1
+        ws_o = ws_lse = lse
+    indexed = [idx.contiguous(), count.contiguous()] if variant != "dense" else []
+    table = [block_table.contiguous()] if variant == "paged" else []
+    extra = ([indexed[0].stride(0)] if indexed else []) + ([table[0].stride(0)] if table else [])
+    page = {"PAGE_SIZE": k.shape[2]} if variant == "paged" else {}
+    mod.sparse_verify_fwd[(Hkv, B, splits)](
+        q, k, v, seq_lens.contiguous(), *indexed, *table, out, lse, ws_o, ws_lse,
+        scale * math.log2(math.e), *q.stride(), *k.stride(), *v.stride(), *extra, **page,
+        BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if splits > 1:
+        mod.sparse_verify_merge[(B * Hq * T,)](ws_o, ws_lse, out, lse, NUM_SPLITS=splits,
+                                               BLOCK_S=next_pow2(splits), num_warps=4)
+    return out, lse
+
+
+def aot_specs(arch: str) -> list[KernelSpec]:
+    """bf16 specs of the model shapes of `shapes.PRESETS` at T 1/5/16, block sizes 1/16 and the three
+    variants, plus head dims 80/96/256 at group 8."""
+    dims = dict.fromkeys((s.head_dim, s.group) for s in PRESETS.values())  # headline shape (72B) first
+    specs = [KernelSpec("sparse_verify", arch, "bf16", head_dim=d, group=g, window=t, block_size=bs, variant=var)
+             for d, g in dims for t in (5, 1, 16)
+             for bs, var in ((1, ""), (16, ""), (1, "paged"), (1, "dense"))
+             if t == 5 or (bs, var) == (1, "")]
+    return specs + [KernelSpec("sparse_verify", arch, "bf16", head_dim=d, group=8, window=5) for d in (80, 96, 256)]
+
+
+def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
+    """The forward kernel (and the merge kernel when num_splits > 1) with argument types; strides along
+    the head dim are taken as 1, and a paged cache has 16-token pages."""
+    mod = codegen.load(spec)
+    elem = f"*{spec.dtype}"
+    types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_O": "*fp32", "WS_LSE": "*fp32",
+             "SEQ_LENS": "*i32", "IDX": "*i32", "COUNT": "*i32", "BLOCK_TABLE": "*i32", "scale_log2": "fp32"}
+
+    def kernel(fn, constexprs, num_warps, num_stages):
+        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+        strides = tuple(name for name in fn.arg_names if name.startswith("stride") and name not in constexprs)
+        return AotKernel(fn, signature, constexprs, num_warps, num_stages, aligned=strides)
+
+    splits = config["num_splits"]
+    kernels = [kernel(mod.sparse_verify_fwd, {"BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": splits, "PAGE_SIZE": 16,
+                                              "stride_qd": 1, "stride_kd": 1, "stride_vd": 1},
+                      config["num_warps"], config["num_stages"])]
+    if splits > 1:
+        kernels.append(kernel(mod.sparse_verify_merge, {"NUM_SPLITS": splits, "BLOCK_S": next_pow2(splits)}, 4, 2))
+    return kernels
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+
+
+def _check_kv(q, k, v, k_name: str, v_name: str, shape_doc: str) -> None:
+    _checks.check_tensor(v_name, v, 4, shape_doc=shape_doc)
+    if v.shape != k.shape:
+        raise ValueError(f"{v_name}: expected the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v.dtype != q.dtype:
+        raise TypeError(f"{v_name}: expected dtype {q.dtype} like q, got {v.dtype}")
+
+
+def _check_selection(idx, count, seq_lens, batch: int, window: int, block_size: int) -> None:
+    """idx int32[B, W]: distinct history blocks in its first count[b] slots; count int32[B] in [0, W]."""
+    _checks.check_tensor("idx", idx, 2, (torch.int32,), "int32[B, W]")
+    if idx.shape[0] != batch:
+        raise ValueError(f"idx: expected shape [B={batch}, W], got {tuple(idx.shape)}")
+    _checks.check_tensor("count", count, 1, (torch.int32,), "int32[B]")
+    if count.shape[0] != batch:
+        raise ValueError(f"count: expected shape [B={batch}], got {tuple(count.shape)}")
+    if not (_checks.values_checkable(idx) and _checks.values_checkable(count)) or batch == 0:
+        return
+    W = idx.shape[1]
+    slot = torch.arange(W, device=idx.device)
+    used = slot[None, :] < count[:, None].long()
+    n_blocks = (seq_lens.long() - window + block_size - 1) // block_size  # history blocks per sequence
+    keys = torch.where(used, idx.long(), -1 - slot[None, :]).sort(dim=1).values  # unused slots: distinct < 0
+    flags = torch.stack([
+        (count < 0) | (count > W),
+        (used & (idx < 0)).any(1),
+        (used & (idx >= n_blocks[:, None])).any(1),
+        (keys[:, 1:] == keys[:, :-1]).any(1) if W > 1 else torch.zeros_like(count, dtype=torch.bool),
+    ]).cpu()
+    for check, problem in enumerate((
+            f"count: expected values in [0, W={W}] (the width of idx), got {{}}",
+            "idx: negative block index within count (-1 padding must come after count), got {}",
+            "idx: block index past the history (blocks of block_size must start before ctx_len = seq_lens - T), got {}",
+            "idx: the first count[b] blocks must be distinct, got a repeated block in {}")):
+        bad = flags[check].nonzero().flatten().tolist()
+        if bad:
+            b = bad[0]
+            what = (int(count[b]) if check == 0 else
+                    f"sequence {b}: {idx[b, : max(0, min(W, int(count[b])))].tolist()} "
+                    f"(count {int(count[b])}, history blocks {int(n_blocks[b])})")
+            raise ValueError(problem.format(what))
+
+
+def _check_flag(return_lse) -> None:
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+
+
+def _finish(out_lse, return_lse: bool):
+    return out_lse if return_lse else out_lse[0]
+
+
+def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, scale=None,
+                  return_lse=False, backend=None):
+    """Attention of the T window queries over the selected history blocks plus the causal window.
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, N_max, D] (any strides, Hq = G * Hkv); seq_lens int32[B]
+    (valid entries including the window); idx int32[B, W]: the first count[b] entries are distinct
+    history blocks (block j = tokens [j * block_size, (j + 1) * block_size) below ctx_len = seq_lens - T),
+    -1 padding after; count int32[B]. Returns out [B, Hq, T, D] in q's dtype, and with return_lse=True
+    also lse float32 [B, Hq, T] (natural-log log-sum-exp of the scaled scores).
+
+    CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
+    what shapes and the launch config determine (out, lse, and when num_splits > 1 the fp32 workspace
+    [B*Hq*T, num_splits, D + 1]); value checks of seq_lens / idx / count read the tensors on the host and
+    are skipped while a graph is being captured, so validate them before capturing.
+    """
+    B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
+    _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
+    _checks.check_power_of_two("block_size", block_size)
+    scale = _checks.check_scale(scale, D)
+    _check_flag(return_lse)
+    device = _checks.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, idx=idx, count=count)
+    _checks.check_seq_lens(seq_lens, B, T, k_cache.shape[2], device)
+    _check_selection(idx, count, seq_lens, B, T, block_size)
+    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
+    return _finish(run(q, k_cache, v_cache, seq_lens, idx, count, None, block_size=block_size, scale=scale,
+                       variant=""), return_lse)
+
+
+def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, *, block_size=1, scale=None,
+                        return_lse=False, backend=None):
+    """`sparse_verify` over a paged cache: k_pages, v_pages [num_pages, Hkv, page_size, D] (any strides;
+    an NHD cache [num_pages, page_size, Hkv, D] is passed as `.transpose(1, 2)`); block_table
+    int32[B, max_pages] maps logical page p of sequence b to a physical page. page_size is read from
+    the pages' shape and is independent of block_size. Same results and CUDA-graph notes as `sparse_verify`.
+    """
+    _checks.check_tensor("q", q, 4, shape_doc="[B, Hq, T, D]")
+    _checks.check_tensor("k_pages", k_pages, 4, shape_doc="[num_pages, Hkv, page_size, D]")
+    B, Hq, T, D = q.shape
+    num_pages, Hkv, page_size, _ = k_pages.shape
+    if k_pages.shape[3] != D or Hkv == 0 or page_size == 0:
+        raise ValueError(f"k_pages: expected shape [num_pages, Hkv, page_size, D={D}], got {tuple(k_pages.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"q: number of heads Hq={Hq} must be a multiple of the KV heads Hkv={Hkv} of k_pages")
+    if k_pages.dtype != q.dtype:
+        raise TypeError(f"k_pages: expected dtype {q.dtype} like q, got {k_pages.dtype}")
+    if T < 1:
+        raise ValueError(f"q: expected at least one query row (T >= 1), got shape {tuple(q.shape)}")
+    _check_kv(q, k_pages, v_pages, "k_pages", "v_pages", "[num_pages, Hkv, page_size, D]")
+    _checks.check_tensor("block_table", block_table, 2, (torch.int32,), "int32[B, max_pages]")
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table: expected shape [B={B}, max_pages], got {tuple(block_table.shape)}")
+    _checks.check_power_of_two("block_size", block_size)
+    scale = _checks.check_scale(scale, D)
+    _check_flag(return_lse)
+    device = _checks.check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table, idx=idx,
+                                       count=count)
+    _checks.check_seq_lens(seq_lens, B, T, block_table.shape[1] * page_size, device)
+    if _checks.values_checkable(block_table) and B:
+        pages = (seq_lens[:, None] + page_size - 1) // page_size  # pages holding each sequence
+        needed = torch.arange(block_table.shape[1], device=device)[None, :] < pages
+        bad = (needed & ((block_table < 0) | (block_table >= num_pages))).nonzero()
+        if len(bad):
+            b, p = bad[0].tolist()
+            raise ValueError(f"block_table: expected page ids in [0, num_pages={num_pages}) for the pages that "
+                             f"hold seq_lens[b] tokens, got {int(block_table[b, p])} at [{b}, {p}]")
+    _check_selection(idx, count, seq_lens, B, T, block_size)
+    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
+    return _finish(run(q, k_pages, v_pages, seq_lens, idx, count, block_table, block_size=block_size, scale=scale,
+                       variant="paged"), return_lse)
+
+
+def dense_verify(q, k_cache, v_cache, seq_lens, *, scale=None, return_lse=False, backend=None):
+    """Dense causal attention of the T window queries over every history token (the dense mode of the
+    sparse kernel: the in-house dense baseline). Shapes, outputs and CUDA-graph notes as `sparse_verify`.
+    """
+    B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
+    _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
+    scale = _checks.check_scale(scale, D)
+    _check_flag(return_lse)
+    device = _checks.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache)
+    _checks.check_seq_lens(seq_lens, B, T, k_cache.shape[2], device)
+    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
+    return _finish(run(q, k_cache, v_cache, seq_lens, None, None, None, block_size=1, scale=scale,
+                       variant="dense"), return_lse)

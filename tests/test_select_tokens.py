@@ -1,0 +1,190 @@
+"""select_tokens: both backends equal ref.select_tokens exactly (the rule, ties included, is deterministic),
+plus top-k invariants that hold whatever the ties (FlashInfer style) and the input checks."""
+import math
+
+import pytest
+import torch
+
+from dustin_kernels import dispatch, ref, select_tokens
+
+BACKENDS = ["torch", "triton"]
+
+
+def _history(seq_lens, window, block_size):
+    return [math.ceil((L - window) / block_size) for L in seq_lens.tolist()]
+
+
+def _scores(B, W, dtype=torch.float32, levels=None):
+    """Random [B, W] scores; `levels` quantises them to that many values (exact ties)."""
+    s = torch.rand(B, W)
+    if levels is not None:
+        s = (s * levels).floor()
+    return s.to(dtype)
+
+
+def _check(s_draft, s_target, seq_lens, backend, *, budget, m, sink=4, recent=16, window, block_size=1):
+    """Run the op, check the output format, compare with the reference exactly; returns (idx, count)."""
+    idx, count = select_tokens(s_draft, s_target, seq_lens, budget=budget, m=m, sink=sink, recent=recent,
+                               window=window, block_size=block_size, backend=backend)
+    B = seq_lens.shape[0]
+    assert idx.dtype == torch.int32 and count.dtype == torch.int32
+    assert idx.shape == (B, budget) and count.shape == (B,)
+    for b, n in enumerate(_history(seq_lens, window, block_size)):
+        c = int(count[b])
+        assert c == min(n, budget)
+        row = idx[b].tolist()
+        assert row[c:] == [-1] * (budget - c)  # -1 padded
+        assert all(0 <= j < n for j in row[:c]) and row[:c] == sorted(set(row[:c]))  # distinct, ascending
+    ref_idx, ref_count = ref.select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window,
+                                           block_size)
+    torch.testing.assert_close(idx.long(), ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(count.long(), ref_count, rtol=0, atol=0)
+    return idx, count
+
+
+# (id, B, lens, window, block_size, budget, m, sink, recent, scores: dtype / levels / which are None)
+CASES = [
+    ("fp32-ragged-bs1-random", 3, (301, 40, 254), 5, 1, 48, 12, 4, 16, {}),
+    ("fp32-ragged-bs16-random", 3, (1601, 339, 1000), 4, 16, 24, 6, 2, 3, {}),
+    ("fp32-bs1-ties3", 3, (290, 300, 64), 5, 1, 48, 12, 4, 16, {"levels": 3}),
+    ("fp32-bs1-all-equal", 2, (290, 300), 5, 1, 48, 12, 4, 16, {"levels": 1}),
+    ("fp32-bs16-all-equal", 2, (2000, 777), 1, 16, 40, 20, 4, 16, {"levels": 1}),
+    ("fp32-budget-holds-all", 3, (100, 37, 5), 5, 1, 128, 12, 4, 16, {}),
+    ("fp32-budget-tiny", 2, (400, 250), 5, 1, 22, 1, 4, 16, {}),
+    ("fp32-budget-is-forced", 2, (400, 250), 5, 1, 20, 3, 4, 16, {}),
+    ("fp32-m0", 2, (300, 200), 1, 1, 48, 0, 4, 16, {"levels": 4}),
+    ("fp32-m-over-free", 2, (300, 200), 1, 1, 48, 48, 4, 16, {"levels": 4}),
+    ("fp32-no-target", 2, (300, 200), 5, 1, 48, 3, 4, 16, {"target": None}),
+    ("fp32-no-draft", 2, (300, 200), 5, 1, 48, 30, 4, 16, {"draft": None, "levels": 5}),
+    ("fp32-sink0-recent0", 2, (300, 200), 5, 1, 40, 13, 0, 0, {}),
+    ("fp16-bs1-random", 2, (300, 180), 5, 1, 48, 12, 4, 16, {"dtype": torch.float16}),
+    ("bf16-bs16-random", 2, (3000, 1500), 5, 16, 48, 12, 4, 16, {"dtype": torch.bfloat16}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_matches_reference(case, backend):
+    _, B, lens, window, bs, budget, m, sink, recent, opts = case
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    W = max(_history(seq_lens, window, bs)) + 3  # wider than any history: columns past it are ignored
+    s_draft = _scores(B, W, opts.get("dtype", torch.float32), opts.get("levels"))
+    s_target = _scores(B, W, opts.get("dtype", torch.float32), opts.get("levels"))
+    s_draft, s_target = opts.get("draft", s_draft), opts.get("target", s_target)
+    _check(s_draft, s_target, seq_lens, backend, budget=budget, m=m, sink=sink, recent=recent, window=window,
+           block_size=bs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_history_merges_many_chunks(backend):
+    """5000 history blocks, budget 64: the triton path merges several chunk lists per signal."""
+    s_draft, s_target = _scores(1, 5000), _scores(1, 5000, levels=50)
+    _check(s_draft, s_target, torch.tensor([5004], dtype=torch.int32), backend, budget=64, m=16, window=4)
+
+
+@pytest.mark.parametrize("config", [
+    {"TILE": 32, "CHUNK": 32, "EMIT_TILE": 32},  # one tile per chunk, many chunks
+    {"TILE": 32, "CHUNK": 128, "EMIT_TILE": 128},  # several tiles per chunk
+    {"TILE": 16, "CHUNK": 16, "EMIT_TILE": 16},  # quota 28 -> K 32 > TILE: the launcher raises TILE to K
+], ids=lambda c: f"tile{c['TILE']}-chunk{c['CHUNK']}")
+def test_triton_tilings(config):
+    seq_lens = torch.tensor([700, 520, 90], dtype=torch.int32)
+    s_draft, s_target = _scores(3, 700, levels=6), _scores(3, 700)
+    with dispatch.override({**config, "num_warps": 4, "num_stages": 1}, kernel="select_tokens"):
+        _check(s_draft, s_target, seq_lens, "triton", budget=64, m=16, window=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("who", ["draft", "target", "both"])
+def test_chosen_scores_dominate_the_unchosen(backend, who):
+    """Ties-proof top-k invariant: a signal's chosen blocks score >= every unchosen candidate."""
+    B, W, budget, m, sink, recent, window = 3, 400, 50, 10, 4, 16, 2
+    seq_lens = torch.tensor([402, 300, 250], dtype=torch.int32)
+    s_draft, s_target = _scores(B, W, levels=7), _scores(B, W, levels=7)
+    if who == "draft":
+        s_target = None
+    elif who == "target":
+        s_draft = None
+    idx, count = select_tokens(s_draft, s_target, seq_lens, budget=budget, m=m, sink=sink, recent=recent,
+                               window=window, backend=backend)
+    free = budget - sink - recent
+    for b, n in enumerate(_history(seq_lens, window, 1)):
+        chosen = set(idx[b, : int(count[b])].tolist())
+        cand = [j for j in range(sink, n - recent)]
+        unchosen = [j for j in cand if j not in chosen]
+        if who == "both":  # the draft's pick is min(m, free) blocks: the k-th best draft score bounds the rest
+            kth = sorted((float(s_draft[b, j]) for j in cand), reverse=True)[min(m, free) - 1]
+            assert all(float(s_draft[b, j]) <= kth for j in unchosen)
+            assert all(j in chosen for j in cand if float(s_draft[b, j]) > kth)
+        else:
+            s = s_draft if s_target is None else s_target
+            picked = [float(s[b, j]) for j in cand if j in chosen]
+            assert len(picked) == free
+            assert all(float(s[b, j]) <= min(picked) for j in unchosen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_scores_of_different_widths(backend):
+    seq_lens = torch.tensor([203, 150], dtype=torch.int32)
+    s_draft = _scores(260, 2, levels=9).t()  # [2, 260] column-major view
+    s_target = _scores(2, 400)[:, ::2]  # [2, 200], column stride 2
+    _check(s_draft, s_target, seq_lens, backend, budget=40, m=8, window=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signed_zero_ties(backend):
+    """-0.0 and +0.0 compare equal: the lower block wins, as in the reference."""
+    s = torch.zeros(1, 200)
+    s[0, ::3] = -0.0
+    s[0, 50:60] = -1.0
+    _check(s, s.clone(), torch.tensor([201], dtype=torch.int32), backend, budget=40, m=10, window=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_empty_history(backend):
+    empty = torch.zeros(0, 8)
+    idx, count = select_tokens(empty, None, torch.zeros(0, dtype=torch.int32), budget=24, m=4, window=1,
+                               backend=backend)
+    assert idx.shape == (0, 24) and count.shape == (0,) and idx.dtype == count.dtype == torch.int32
+    _check(torch.rand(2, 3), torch.rand(2, 3), torch.tensor([5, 8], dtype=torch.int32), backend, budget=20,
+           m=2, window=5)
+
+
+def _bad_cases():
+    B, W = 2, 40
+    good = dict(s_draft=torch.rand(B, W), s_target=torch.rand(B, W), seq_lens=torch.tensor([30, 45], dtype=torch.int32),
+                budget=24, m=4, sink=4, recent=16, window=5, block_size=1)
+    cases = [
+        ("budget", {"budget": 19}, ValueError),  # < sink + recent
+        ("budget", {"budget": 0, "sink": 0, "recent": 0, "m": 0}, ValueError),
+        ("budget", {"budget": 24.0}, TypeError),
+        ("m", {"m": 25}, ValueError),
+        ("m", {"m": -1}, ValueError),
+        ("sink", {"sink": -1}, ValueError),
+        ("recent", {"recent": -2}, ValueError),
+        ("window", {"window": 0}, ValueError),
+        ("block_size", {"block_size": 3}, ValueError),
+        ("s_draft", {"s_draft": None, "s_target": None}, ValueError),
+        ("s_draft", {"s_draft": torch.rand(B, 1, W)}, ValueError),
+        ("s_draft", {"s_draft": torch.rand(B, W).double()}, TypeError),
+        ("s_draft", {"s_draft": torch.ones(B, W, dtype=torch.int32)}, TypeError),
+        ("s_draft", {"s_draft": [[0.0] * W] * B}, TypeError),
+        ("s_draft", {"s_draft": torch.rand(B, 39)}, ValueError),  # 40 history blocks
+        ("s_target", {"s_target": torch.rand(B, 39)}, ValueError),
+        ("s_target", {"s_draft": None, "s_target": torch.rand(B, 10)}, ValueError),
+        ("s_target", {"s_target": torch.rand(B + 1, W)}, ValueError),
+        ("seq_lens", {"seq_lens": torch.tensor([30, 4], dtype=torch.int32)}, ValueError),  # shorter than window
+        ("seq_lens", {"seq_lens": torch.tensor([30, 45])}, TypeError),  # int64
+        ("seq_lens", {"seq_lens": torch.tensor([30], dtype=torch.int32)}, ValueError),
+        ("seq_lens", {"seq_lens": torch.tensor([30, 45], dtype=torch.int32, device="meta")}, ValueError),
+        ("s_target", {"s_target": torch.rand(B, W, device="meta")}, ValueError),
+        ("backend", {"backend": "cuda"}, ValueError),
+    ]
+    return [pytest.param(good | change, err, name, id=f"{name}-{i}") for i, (name, change, err) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("kwargs, error, name", _bad_cases())
+def test_bad_inputs_name_the_argument(kwargs, error, name):
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=name):
+        select_tokens(kwargs.pop("s_draft"), kwargs.pop("s_target"), kwargs.pop("seq_lens"), **kwargs)
