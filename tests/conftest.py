@@ -12,6 +12,10 @@ import torch  # noqa: E402
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
+# pytest -n 2 runs two workers on two cores: one torch thread each, or they oversubscribe the machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
