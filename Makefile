@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m dustin_kernels.demo
+	$(BIN)/python -m dustin_kernels.generate --demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2

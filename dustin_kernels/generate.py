@@ -1,0 +1,270 @@
+"""Speculative decoding with Dustin sparse verification, from Hugging Face checkpoint folders.
+
+    python -m dustin_kernels.generate --target DIR --draft DIR --prompt "..." [--prompt ... | --prompt-file F]
+        [--policy dustin] [--budget 512] [--m M] [--profile FILE] [--gamma 4] [--max-new-tokens 128]
+        [--temperature 0] [--top-p 1] [--seed 0] [--device cuda] [--dtype bf16] [--json]
+    python -m dustin_kernels.generate --demo [--json]
+
+A folder holds config.json (Llama or Qwen2 / Qwen2.5), model.safetensors or sharded *.safetensors with
+model.safetensors.index.json, and tokenizer.json; the two models must share the tokenizer. Several
+prompts form a batch (ragged lengths are fine). --temperature 0 is greedy. Stats: the acceptance
+length (tokens per verification: accepted drafts + 1) histogram and mean, new tokens per second, and
+the KV bytes the verification reads against dense verification. --demo needs no download: it builds a
+tiny random model pair on the fly and runs plain decoding and every policy on the same batch of two
+prompts (--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed apply).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+import torch
+
+from .models import DTYPES, ModelConfig, Transformer, init_random, load_model, load_tokenizer
+from .policies import POLICIES, RetrievalProfile, make_policy
+from .speculative import Sampler, generate
+
+
+def load_pair(target_dir, draft_dir, *, dtype=None, device="cpu"):
+    """(draft, target, tokenizer) from two checkpoint folders that share a tokenizer."""
+    tok_t, tok_d = load_tokenizer(target_dir), load_tokenizer(draft_dir)
+    vocab_t, vocab_d = tok_t.get_vocab(with_added_tokens=True), tok_d.get_vocab(with_added_tokens=True)
+    if vocab_t != vocab_d:
+        raise ValueError(f"--draft {draft_dir} and --target {target_dir} have different vocabularies "
+                         f"({len(vocab_d)} and {len(vocab_t)} tokens, or different ids): speculative decoding "
+                         "needs one tokenizer")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    target = load_model(target_dir, dtype=dtype, device=device)
+    draft = load_model(draft_dir, dtype=dtype, device=device)
+    n = min(target.config.vocab_size, draft.config.vocab_size)
+    if max(vocab_t.values(), default=-1) >= n:
+        raise ValueError(f"tokenizer.json of {target_dir} has ids up to {max(vocab_t.values())}, beyond the "
+                         f"models' vocab_size {n}")
+    return draft, target, tok_t
+
+
+def build_policy(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=print):
+    """The --policy with its retrieval profile (--profile, else the documented default, said once)."""
+    profile = None
+    if args.policy in ("dustin", "draft-only", "target-only"):
+        if args.profile:
+            profile = RetrievalProfile.load(args.profile, draft_cfg, target_cfg)
+        else:
+            profile = RetrievalProfile.default(draft_cfg, target_cfg)
+            say(f"no --profile: default retrieval heads (all q heads of draft layers {sorted(profile.draft_heads)} "
+                f"and of target layer {profile.target_layer}); run `python -m dustin_kernels.calibrate` for "
+                "calibrated ones")
+    return make_policy(args.policy, profile, budget=args.budget or 512, m=args.m, sink=args.sink, recent=args.recent)
+
+
+def format_stats(stats) -> list[str]:
+    hist = " ".join(f"{k + 1}:{c}" for k, c in enumerate(stats.accept_hist))
+    return [f"acceptance length: mean {stats.mean_accept:.2f} tokens per verification ({stats.steps} steps); "
+            f"histogram {hist}",
+            f"speed: {stats.tokens_per_s:.1f} new tokens/s ({stats.new_tokens} tokens, "
+            f"prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s)",
+            f"verification KV bytes: {stats.kv_fraction:.1%} of dense ({stats.kv_read_bytes / 2**20:.1f} MiB read "
+            f"+ {stats.score_bytes / 2**20:.2f} MiB scores vs {stats.kv_dense_bytes / 2**20:.1f} MiB dense)"]
+
+
+def run(args) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        with open(path, encoding="utf-8") as f:
+            prompts.append(f.read())
+    if not prompts:
+        raise ValueError("--prompt / --prompt-file: give at least one prompt")
+    draft, target, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype and DTYPES[args.dtype],
+                                         device=device)
+    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    policy = build_policy(args, draft.config, target.config, say)
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    new = args.max_new_tokens or 128
+    cap = args.max_len or min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    for b, p in enumerate(ids):
+        if not p:
+            raise ValueError(f"prompt {b}: encodes to no tokens")
+        if len(p) + new + args.gamma > cap:
+            raise ValueError(f"prompt {b}: {len(p)} tokens + --max-new-tokens {new} + --gamma "
+                             f"{args.gamma} do not fit the cache of {cap} positions (--max-len; default: the models' "
+                             "max_position_embeddings)")
+    sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
+    result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policy, sampler=sampler,
+                      progress=not args.json and new * len(ids) >= 256)
+    sequences = [{"prompt": p, "prompt_tokens": len(i), "token_ids": t,
+                  "text": tokenizer.decode(t, skip_special_tokens=True)}
+                 for p, i, t in zip(prompts, ids, result.tokens)]
+    if not args.json:
+        for b, s in enumerate(sequences):
+            print(f"--- sequence {b} ({s['prompt_tokens']} prompt tokens, {len(s['token_ids'])} new) ---")
+            print(s["text"])
+        print("--- stats ---")
+        print("\n".join(format_stats(result.stats)))
+    return {"sequences": sequences, "stats": result.stats.to_json(), "policy": _policy_json(policy)}
+
+
+def _policy_json(policy) -> dict:
+    keys = ("name", "budget", "m", "sink", "recent", "block_size")
+    return {k: getattr(policy, k) for k in keys if hasattr(policy, k)} | {
+        "draft_heads": {str(k): list(v) for k, v in policy.draft_heads.items()},
+        "target_heads": {str(k): list(v) for k, v in policy.target_heads.items()}}
+
+
+DEMO_TEXT = """speculative decoding lets a small draft model propose a few tokens that a large target model
+verifies in one pass . at long context the verification pass is bound by reading the key value cache of
+the target . dustin reads only a small well chosen set of history tokens : the first tokens , the most
+recent ones , the tokens the draft looks at while it speculates , and the tokens the target looked at
+for its last committed token . the window tokens are always attended . the rest is skipped"""
+
+
+def demo_tokenizer():
+    """A word-level tokenizer over the words of DEMO_TEXT (made with the `tokenizers` package)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + sorted(set(DEMO_TEXT.split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(words[:3])
+    return tok
+
+
+NEEDLES = ("dustin", "cache", "history")  # demo words that every head of the demo models attends to
+
+
+def demo_models(vocab: int, needle_ids: list[int], seed: int = 0, late: float = 0.3) -> tuple[Transformer, Transformer]:
+    """A random 6-layer Qwen2-style target and, as draft, its first 2 layers (self-speculative layer
+    skipping; the later layers' outputs are scaled by `late` so that the draft often agrees).
+
+    One planted pattern, so that the choice of history tokens matters as it does in long-context models
+    (whose retrieval heads attend to a few history tokens): the embeddings of `needle_ids` share a
+    direction u; every layer maps u to a key along the lowest-frequency RoPE pair and gives every query
+    a bias along the same pair, so each head puts most of its attention on the needle tokens."""
+    hidden, heads, kv_heads, dim = 256, 8, 2, 32
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=512, num_layers=6, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=dim, qkv_bias=True, max_position_embeddings=4096,
+                      family="qwen2")
+    target = init_random(Transformer(cfg), seed).eval()
+    u = torch.randn(hidden, generator=torch.Generator().manual_seed(seed + 1))
+    u /= u.norm()
+    c = 24 ** 0.5 * dim ** 0.25  # scaled q.k of about 24 on a needle before the norms shrink it
+    with torch.no_grad():
+        target.embed_tokens.weight[needle_ids] += 5 * target.embed_tokens.weight.norm(dim=1).mean() * u
+        for i, layer in enumerate(target.layers):
+            attn = layer.self_attn
+            attn.k_proj.weight.view(kv_heads, dim, hidden)[:, dim // 2 - 1] += c * u / hidden ** 0.5
+            attn.q_proj.bias.view(heads, dim)[:, dim // 2 - 1] = c
+            if i >= 2:
+                attn.o_proj.weight.mul_(late)
+                layer.mlp.down_proj.weight.mul_(late)
+    draft = Transformer(ModelConfig(**{**cfg.__dict__, "num_layers": 2})).eval()
+    draft.load_state_dict({k: v for k, v in target.state_dict().items()
+                           if not k.startswith("layers.") or int(k.split(".")[1]) < 2})
+    return draft, target
+
+
+def demo_prompts(tokenizer, lengths=(1000, 700), needles=30, seed=0) -> list[list[int]]:
+    """Random demo words with `needles` needle words planted in each prompt (ragged lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    words = [w for w in DEMO_TEXT.split() if w not in NEEDLES]
+    prompts = []
+    for n in lengths:
+        text = [words[i] for i in torch.randint(len(words), (n,), generator=g).tolist()]
+        for pos in torch.randperm(n - 40, generator=g)[:needles].tolist():
+            text[pos + 20] = NEEDLES[pos % len(NEEDLES)]
+        prompts.append(tokenizer.encode(" ".join(text)).ids)
+    return prompts
+
+
+def demo(args) -> dict:
+    """The policies side by side on a tiny random model pair (its text is noise)."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
+    tokenizer = demo_tokenizer()
+    device = args.device or "cpu"
+    draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed)
+    draft, target = draft.to(device), target.to(device)
+    ids = demo_prompts(tokenizer, seed=args.seed)
+    budget, new = args.budget or 64, args.max_new_tokens or 64
+    profile = RetrievalProfile.default(draft.config, target.config)
+    say(textwrap.fill(
+        f"dustin_kernels demo: the models have RANDOM weights (made on the fly, no download), so their text is "
+        f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
+        f"Target: 6-layer Qwen2-style model (hidden 256, 8 q / 2 KV heads); draft: its first 2 layers. "
+        f"Batch of 2 prompts ({len(ids[0])} and {len(ids[1])} tokens), {new} new tokens, gamma {args.gamma}, "
+        f"budget {budget} history tokens, greedy, {device}, fp32. Default retrieval heads (no profile): all q "
+        f"heads of draft layers {sorted(profile.draft_heads)} and of target layer {profile.target_layer}.", 110))
+    rows, reference = [], None
+    for name in ("plain",) + POLICIES:
+        if name == "plain":
+            result = generate(None, target, ids, max_new_tokens=new, gamma=0, eos_ids=())
+        else:
+            policy = make_policy(name, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
+            result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policy, eos_ids=())
+        reference = reference or result.tokens
+        same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))
+        rows.append({**result.stats.to_json(), "policy": name, "same_as_plain": same / sum(map(len, reference)),
+                     "text": tokenizer.decode(result.tokens[0])})
+    if not args.json:
+        print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as plain':>21}")
+        for r in rows:
+            print(f"{r['policy']:12} {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} "
+                  f"{r['same_as_plain']:21.1%}")
+        print(f"text (dustin, noise): {rows[2]['text'][:90]} ...")
+        print(textwrap.fill(
+            "plain: the target alone; dense: speculative decoding with dense verification; accept len: tokens "
+            "per verification; KV read: the verification's K/V bytes plus the scores' K bytes, against dense. "
+            "Streaming (sink + recent) misses the needles and drifts from the target; Dustin's selection keeps "
+            "them. Timings of tiny models only show the mechanics; the speedups need a GPU and long contexts.", 110))
+    return {"demo": True, "random_weights": True, "prompt_tokens": [len(i) for i in ids], "rows": rows}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dustin_kernels.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="tiny random model pair made on the fly; policies side by side")
+    p.add_argument("--target", help="target checkpoint folder")
+    p.add_argument("--draft", help="draft checkpoint folder")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", help="a file holding one prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 64 with --demo")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (the target verifies gamma + 1)")
+    p.add_argument("--policy", choices=POLICIES, default="dustin")
+    p.add_argument("--budget", type=int, default=None, help="history tokens the sparse verification reads "
+                   "(default 512; 64 with --demo)")
+    p.add_argument("--m", type=int, default=None, help="tokens chosen by the draft lookahead (default: the "
+                   "profile's, else budget // 4)")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--recent", type=int, default=16)
+    p.add_argument("--profile", help="retrieval-head profile JSON from `python -m dustin_kernels.calibrate`")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--demo: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--max-len", type=int, default=None, help="cache positions (default: max_position_embeddings)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (sequences and stats)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.gamma < 1:
+        p.error("--max-new-tokens and --gamma must be >= 1")
+    if not args.demo and not (args.target and args.draft):
+        p.error("--target and --draft are required (or --demo)")
+    try:
+        out = demo(args) if args.demo else run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Speculative decoding for a batch of ragged prompts, the target verifying through a policy.
+
+Both caches hold the committed tokens of each sequence at positions [0, lens[b]) (no padding in the
+caches: prompts are right-padded only in the prefill input, and each sequence has its own positions).
+The last committed token, `pending`, is not in the caches yet. One step (`speculative_step`):
+
+1. the draft runs gamma + 1 single-token passes from `pending`, proposing d_1 .. d_gamma (the last
+   pass writes d_gamma's K/V and yields the queries of the gamma speculated tokens);
+2. the policy chooses the history the target reads (`policies.py`); the target runs one pass over
+   the T = gamma + 1 window [pending, d_1 .. d_gamma] through `dense_verify` or `sparse_verify`;
+3. acceptance: greedy (longest prefix where d_i equals the target's argmax, then the target's token)
+   or sampling (accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
+   from the residual norm(max(0, p_i - q_i)); after gamma acceptances draw from p_gamma), per sequence;
+4. rollback by length: lens += accepted + 1 (pending and the accepted drafts are now committed); the
+   new token becomes `pending`. Cache entries past lens are stale and never read.
+
+Finished sequences (EOS, or their max_new_tokens) stay in the batch, inactive: `generate` parks them
+at length 0 (their caches are no longer needed, so they cost a window's attention). Plain decoding
+is `draft=None, gamma=0` (the target alone, one token per step). Logits are cut to the smaller of the two vocab_size (rows past it are padding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import dense_verify, sparse_verify
+from .models import KVCache, Transformer
+from .policies import Dense, VerifyContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """temperature 0: greedy; else softmax(logits / temperature) cut to the top-p nucleus."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # mass before it already reaches top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)): where to draw after rejecting a draft token (p where p == q)."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp(min=1e-30), p)
+
+
+def accept_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts int64[B, gamma], target_logits [B, gamma + 1, V] -> (accepted int64[B], next token int64[B])."""
+    best = target_logits.argmax(-1)
+    n = (drafts == best[:, :-1]).long().cumprod(1).sum(1)
+    return n, best.gather(1, n[:, None])[:, 0]
+
+
+def accept_sampling(drafts, draft_probs, target_probs, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling: drafts int64[B, gamma] drawn from draft_probs [B, gamma, V]; target_probs
+    [B, gamma + 1, V]. Returns (accepted int64[B], next token int64[B]) distributed as the target."""
+    B, gamma = drafts.shape
+    p = target_probs[:, :gamma].gather(2, drafts[..., None])[..., 0]
+    q = draft_probs.gather(2, drafts[..., None])[..., 0]
+    u = torch.rand(B, gamma, generator=sampler.generator, device=drafts.device)
+    n = (u * q < p).long().cumprod(1).sum(1)
+    rows = torch.arange(B, device=drafts.device)
+    q_next = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]  # zeros after gamma
+    return n, sampler.sample(residual(target_probs[rows, n], q_next))
+
+
+@dataclasses.dataclass
+class State:
+    """Per sequence: lens int32[B] committed tokens in both caches; pending int64[B] the last committed
+    token (not in the caches); target_queries {layer: [B, Hq, 1, D]} the query of the token at lens - 1
+    (for the policy's S_target); active bool[B]."""
+    lens: torch.Tensor
+    pending: torch.Tensor
+    target_queries: dict[int, torch.Tensor]
+    active: torch.Tensor
+
+
+class Step(NamedTuple):
+    tokens: torch.Tensor  # int64[B, gamma + 1]: accepted drafts then the target's token; first counts[b] valid
+    counts: torch.Tensor  # int64[B]: tokens emitted (accepted + 1; 0 for finished sequences)
+    state: State
+    read_tokens: int  # history + window tokens the verification read per target layer, active sequences
+    dense_tokens: int  # the same for dense verification
+
+
+def start(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], max_len: int,
+          policy=Dense(), *, chunk: int = 512) -> tuple[KVCache | None, KVCache, State]:
+    """Allocate both caches (`max_len` positions) and prefill all but the last prompt token of each
+    sequence (the last one becomes `pending`)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected at least one non-empty prompt (a list of token ids each)")
+    B, device = len(prompts), target.device
+    longest = max(len(p) for p in prompts)
+    if longest > max_len:
+        raise ValueError(f"prompts: a prompt of {longest} tokens is longer than the cache of {max_len} positions")
+    tokens = torch.zeros(B, longest - 1, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
+    lengths = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    target_cache = target.new_cache(B, max_len)
+    _, queries = target.prefill(tokens, lengths, target_cache, chunk=chunk, capture=policy.target_heads)
+    draft_cache = None
+    if draft is not None:
+        draft_cache = draft.new_cache(B, max_len)
+        draft.prefill(tokens, lengths, draft_cache, chunk=chunk)
+    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
+    state = State(lengths.to(torch.int32), pending, queries, torch.ones(B, dtype=torch.bool, device=device))
+    return draft_cache, target_cache, state
+
+
+def _history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """History tokens [B] the selected blocks cover (a last block may be partial)."""
+    if selection is None:
+        return lens.long()
+    idx, count = selection
+    used = torch.arange(idx.shape[1], device=idx.device)[None] < count[:, None]
+    start = idx.long().clamp(min=0) * block_size
+    return torch.where(used, (lens.long()[:, None] - start).clamp(0, block_size), 0).sum(1)
+
+
+@torch.no_grad()
+def speculative_step(draft: Transformer | None, target: Transformer, draft_cache: KVCache | None,
+                     target_cache: KVCache, state: State, policy=Dense(), sampler: Sampler = Sampler(),
+                     gamma: int = 4) -> Step:
+    """One draft-propose / target-verify / accept step for the whole batch; returns tokens and counts."""
+    T = gamma + 1
+    lens = state.lens
+    vocab = target.config.vocab_size if draft is None else min(target.config.vocab_size, draft.config.vocab_size)
+    token = state.pending[:, None]
+    drafts, draft_probs, draft_queries = [], [], {layer: [] for layer in policy.draft_heads}
+    for i in range(T if gamma else 0):
+        hidden, queries = draft(token, draft_cache, lens + i, capture=policy.draft_heads)
+        if i:  # the pass over speculated token d_i: its queries feed S_draft
+            for layer, q in queries.items():
+                draft_queries[layer].append(q)
+        if i == gamma:
+            break
+        logits = draft.logits(hidden[:, -1])[:, :vocab]
+        if sampler.greedy:
+            token = logits.argmax(-1, keepdim=True)
+        else:
+            draft_probs.append(sampler.probs(logits))
+            token = sampler.sample(draft_probs[-1])[:, None]
+        drafts.append(token)
+    drafts = torch.cat(drafts, 1) if drafts else state.pending.new_zeros(len(lens), 0)
+
+    ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()}, draft_cache,
+                        state.target_queries, target_cache)
+    selection = policy.select(ctx)
+    attend = dense_verify if selection is None else functools.partial(
+        sparse_verify, idx=selection[0], count=selection[1], block_size=policy.block_size)
+    window = torch.cat([state.pending[:, None], drafts], 1)
+    hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
+    logits = target.logits(hidden)[..., :vocab]
+
+    if sampler.greedy:
+        n, nxt = accept_greedy(drafts, logits)
+    else:
+        probs = torch.stack(draft_probs, 1) if draft_probs else logits.new_zeros(len(lens), 0, vocab)
+        n, nxt = accept_sampling(drafts, probs, sampler.probs(logits), sampler)
+    rows = torch.arange(len(lens), device=lens.device)
+    tokens = torch.cat([drafts, torch.zeros_like(nxt)[:, None]], 1)
+    tokens[rows, n] = nxt
+    active = state.active
+    counts = torch.where(active, n + 1, 0)
+    new_state = State(
+        lens=(lens + counts).to(torch.int32),
+        pending=torch.where(active, nxt, state.pending),
+        target_queries={layer: torch.where(active[:, None, None, None], q[rows, :, n][:, :, None],
+                                           state.target_queries[layer]) for layer, q in queries.items()},
+        active=active)
+    history = _history_read(selection, lens, policy.block_size)
+    read = int(((history + T) * active).sum())
+    dense = int(((lens.long() + T) * active).sum())
+    return Step(tokens, counts, new_state, read, dense)
+
+
+def score_bytes(policy, draft: Transformer | None, target: Transformer, lens: torch.Tensor, T: int,
+                active: torch.Tensor) -> int:
+    """K bytes the policy's scores read at a step: the draft's retrieval layers over history + window,
+    the target's over the history, for the KV heads their q heads use (active sequences)."""
+    total = 0
+    signals = ((policy.draft_heads, draft, lens.long() + T), (policy.target_heads, target, lens.long()))
+    for heads_of, model, n in signals:
+        if heads_of:
+            c = model.config
+            group = c.num_heads // c.num_kv_heads
+            kv_heads = sum(len({h // group for h in heads}) for heads in heads_of.values())
+            total += kv_heads * c.head_dim * model.dtype.itemsize * int((n * active).sum())
+    return total
+
+
+@dataclasses.dataclass
+class Stats:
+    """Acceptance length = tokens a sequence gets from one verification (accepted drafts + 1);
+    accept_hist[k - 1] counts (sequence, step) pairs that got k. KV bytes: what the target's attention
+    read over all layers at the verification steps (K and V of the history it attends plus the
+    window), what dense verification would read, and the K bytes read by the policy's scores."""
+    policy: str
+    gamma: int
+    steps: int = 0
+    new_tokens: int = 0
+    accept_hist: list[int] = dataclasses.field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_read_bytes: int = 0
+    kv_dense_bytes: int = 0
+    score_bytes: int = 0
+
+    @property
+    def mean_accept(self) -> float:
+        total = sum(self.accept_hist)
+        return sum((k + 1) * c for k, c in enumerate(self.accept_hist)) / total if total else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def kv_fraction(self) -> float:
+        """(verification + score bytes) / dense verification bytes."""
+        return (self.kv_read_bytes + self.score_bytes) / self.kv_dense_bytes if self.kv_dense_bytes else 1.0
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "mean_accept": self.mean_accept, "tokens_per_s": self.tokens_per_s,
+                "kv_fraction": self.kv_fraction}
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per sequence (an EOS that ended one is included)
+    stats: Stats
+
+
+@torch.no_grad()
+def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int | Sequence[int] = 64, gamma: int = 4, policy=Dense(), sampler: Sampler = Sampler(),
+             eos_ids: Sequence[int] | None = None, max_len: int | None = None, chunk: int = 512,
+             progress: bool = False) -> Generation:
+    """Speculative decoding of a batch of token-id prompts (ragged lengths).
+
+    max_new_tokens: one int or one per prompt; a sequence also stops after any of `eos_ids` (default:
+    the target config's eos_token_id). max_len: cache positions (default: just enough, the longest
+    prompt + max_new_tokens + gamma). draft=None with gamma=0 is plain decoding by the target.
+    Returns the new tokens of each sequence and the `Stats`."""
+    B = len(prompts)
+    max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(max_new) != B or any(not isinstance(n, int) or n < 0 for n in max_new):
+        raise ValueError(f"max_new_tokens: expected an int >= 0 or one per prompt, got {max_new_tokens!r}")
+    if not isinstance(gamma, int) or not (gamma >= 1 if draft is not None else gamma == 0):
+        raise ValueError(f"gamma: expected an int >= 1 with a draft model (0 without), got {gamma!r}")
+    if draft is None and policy.draft_heads:
+        raise ValueError(f"policy: {policy.name!r} reads the draft's queries and needs a draft model")
+    if draft is not None and draft.device != target.device:
+        raise ValueError(f"draft: expected a model on {target.device} like the target, got {draft.device}")
+    eos = set(target.config.eos_token_ids if eos_ids is None else eos_ids)
+    need = max((len(p) for p in prompts), default=0) + max(max_new, default=0) + gamma
+    if max_len is not None and need > max_len:
+        raise ValueError(f"max_len: the longest prompt + max_new_tokens + gamma = {need} positions do not fit "
+                         f"the cache of {max_len}")
+    name = policy.name if draft is not None else "plain" if policy.name == "dense" else f"plain/{policy.name}"
+    stats = Stats(name, gamma, accept_hist=[0] * (gamma + 1))
+    begin = time.perf_counter()
+    draft_cache, target_cache, state = start(draft, target, prompts, max_len or need, policy, chunk=chunk)
+    done = [n == 0 for n in max_new]
+    state.active = torch.tensor([not d for d in done], device=target.device)
+    per_token = target_cache.kv_bytes_per_token()
+    out: list[list[int]] = [[] for _ in prompts]
+    stats.prefill_s = time.perf_counter() - begin
+    begin = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
+        while not all(done):
+            stats.score_bytes += score_bytes(policy, draft, target, state.lens, gamma + 1, state.active)
+            step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma)
+            tokens, counts = step.tokens.tolist(), step.counts.tolist()
+            before = sum(map(len, out))
+            for b in range(B):
+                if done[b]:
+                    continue
+                stats.accept_hist[counts[b] - 1] += 1
+                for t in tokens[b][: counts[b]]:
+                    out[b].append(t)
+                    if t in eos or len(out[b]) == max_new[b]:
+                        done[b] = True
+                        break
+            state = step.state
+            state.active = torch.tensor([not d for d in done], device=target.device)
+            state.lens = torch.where(state.active, state.lens, 0)  # finished: parked at length 0, cheap
+            stats.steps += 1
+            stats.kv_read_bytes += step.read_tokens * per_token
+            stats.kv_dense_bytes += step.dense_tokens * per_token
+            bar.update(sum(map(len, out)) - before)
+    stats.decode_s = time.perf_counter() - begin
+    stats.new_tokens = sum(map(len, out))
+    return Generation(out, stats)

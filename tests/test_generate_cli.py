@@ -1,0 +1,164 @@
+"""The command lines: `python -m dustin_kernels.generate` (folders, batch, --json, --profile, --demo),
+`python -m dustin_kernels.calibrate`, and bad input: clear message and a non-zero exit."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dustin_kernels import calibrate, generate
+from dustin_kernels.models import load_model
+
+pytest.importorskip("transformers")
+from test_models import make_checkpoint, make_tokenizer_json  # noqa: E402  (tests/ is on sys.path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_checkpoint(root / "target", family="llama", layers=3, seed=0)
+    make_checkpoint(root / "draft", family="qwen2", layers=2, seed=1, shard=True)
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = generate.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def greedy(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        hidden, _ = model(torch.tensor([seq]), model.new_cache(1, len(seq)), torch.zeros(1, dtype=torch.int32))
+        seq.append(int(model.logits(hidden[0, -1]).argmax()))
+    return seq[len(prompt):]
+
+
+def test_generate_json_batch_matches_target_greedy(pair, capsys, tmp_path):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("w3 w4 w5 w6 w7 w8 w9")
+    code, out, err = run_cli(capsys, "--target", pair / "target", "--draft", pair / "draft", "--prompt",
+                             "w10 w11 w12 w90 w91 w40 w41 w42 w43 w44 w45", "--prompt-file", prompt_file,
+                             "--max-new-tokens", 12, "--gamma", 3, "--policy", "dustin", "--budget", 64,
+                             "--device", "cpu", "--json")
+    assert code == 0, err
+    assert "no --profile: default retrieval heads" in err  # said once, on stderr with --json
+    result = json.loads(out)
+    target = load_model(pair / "target")
+    eos = target.config.eos_token_ids
+    seqs = result["sequences"]
+    assert [s["prompt_tokens"] for s in seqs] == [11, 7]
+    for s, prompt in zip(seqs, ([10, 11, 12, 90, 91, 40, 41, 42, 43, 44, 45], [3, 4, 5, 6, 7, 8, 9])):
+        want = greedy(target, prompt, 12)
+        want = want[: want.index(eos[0]) + 1] if eos[0] in want else want
+        assert s["token_ids"] == want
+        assert s["text"] == " ".join(f"w{t}" for t in want if t > 2)
+    stats = result["stats"]
+    assert {"accept_hist", "mean_accept", "tokens_per_s", "kv_read_bytes", "kv_dense_bytes",
+            "kv_fraction"} <= set(stats)
+    assert result["policy"]["name"] == "dustin" and result["policy"]["budget"] == 64
+
+
+def test_generate_text_output_and_sampling(pair, capsys):
+    code, out, err = run_cli(capsys, "--target", pair / "target", "--draft", pair / "draft", "--prompt", "w5 w6 w7",
+                             "--max-new-tokens", 8, "--policy", "streaming", "--budget", 24, "--temperature", 0.8,
+                             "--top-p", 0.9, "--seed", 3, "--dtype", "bf16")
+    assert code == 0, err
+    assert "--- sequence 0 (3 prompt tokens" in out and "acceptance length: mean" in out
+    assert "verification KV bytes" in out and "no --profile" not in out
+
+
+def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
+    out_file = tmp_path / "profile.json"
+    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
+                           "--length", "192", "--samples", "2", "--budget", "24", "--heads", "2", "--trials", "4",
+                           "--gamma", "3", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    profile = json.loads(out_file.read_text())
+    assert profile["format"] == "dustin-profile/1"
+    assert 0 <= profile["target_layer"] < 3 and all(0 <= int(k) < 2 for k in profile["draft_heads"])
+    assert all(len(h) == 2 for h in profile["draft_heads"].values()) and len(profile["target_heads"]) == 2
+    assert 0 <= profile["m"] <= 24 - 20
+    assert set(profile["recovery"]) == {"dustin", "target_only", "draft_only", "streaming"}
+    assert all(0 < v <= 1 for v in profile["recovery"].values())
+    assert len(profile["needle_scores"]["target"]) == 3
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "--target", pair / "target", "--draft", pair / "draft", "--prompt", "w5 w6 w7",
+                             "--max-new-tokens", 4, "--profile", out_file, "--budget", 24, "--json")
+    assert code == 0, err
+    policy = json.loads(out)["policy"]
+    assert policy["m"] == profile["m"] and policy["target_heads"] == {
+        str(profile["target_layer"]): profile["target_heads"]}
+
+
+def test_demo_json(capsys):
+    code, out, err = run_cli(capsys, "--demo", "--json", "--max-new-tokens", 24)
+    assert code == 0, err
+    assert "RANDOM weights" in err and "noise" in err
+    result = json.loads(out)
+    assert result["random_weights"] is True
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert list(rows) == ["plain", "dense", "dustin", "draft-only", "target-only", "streaming"]
+    assert rows["dense"]["same_as_plain"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
+    assert rows["dustin"]["kv_fraction"] < 0.5
+    assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"]
+
+
+def test_bad_folder_exits_non_zero_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dustin_kernels.generate", "--target", str(tmp_path / "nope"),
+                           "--draft", str(tmp_path), "--prompt", "hi"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "nope: no such checkpoint folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def other_vocab(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other")
+    make_checkpoint(folder, family="llama", seed=2, vocab_size=80)
+    make_tokenizer_json(folder / "tokenizer.json", 80)
+    return folder
+
+
+def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
+    base = ["--target", pair / "target", "--draft", pair / "draft", "--prompt", "w5 w6 w7"]
+    cases = [
+        (["--target", tmp_path / "missing", "--draft", pair / "draft", "--prompt", "x"],
+         "missing: no such checkpoint folder"),
+        (["--target", tmp_path, "--draft", pair / "draft", "--prompt", "x"], "missing tokenizer.json"),
+        (["--target", pair / "target", "--draft", other_vocab, "--prompt", "x"], "different vocabularies"),
+        (base + ["--max-len", 16], "do not fit the cache of 16 positions"),
+        (base + ["--prompt", " ".join(["w9"] * 300)], "300 tokens + --max-new-tokens 128 + --gamma 4 do not fit "
+                                                        "the cache of 256"),
+        (base + ["--budget", 10], "budget: expected at least sink + recent = 20"),
+        (base + ["--profile", tmp_path / "none.json"], "no such profile file"),
+        (base + ["--prompt-file", tmp_path / "none.txt"], "none.txt"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and err.startswith("error: "), (argv, err)
+    (tmp_path / "config.json").write_text("{}")
+    make_tokenizer_json(tmp_path / "tokenizer.json")
+    code, _, err = run_cli(capsys, "--target", tmp_path, "--draft", pair / "draft", "--prompt", "x")
+    assert code == 2 and "model_type None is not supported" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--policy", "quest"], "invalid choice: 'quest'"),
+    (["--gamma", "0"], "--gamma must be >= 1"),
+    ([], "--target and --draft are required"),
+])
+def test_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        generate.main(["--prompt", "x"] + argv + ([] if argv == [] else ["--target", "t", "--draft", "d"]))
+    assert exc.value.code == 2 and message in capsys.readouterr().err
