@@ -2,17 +2,42 @@
 
 Backend: `None` picks "triton" for CUDA tensors and "torch" for CPU tensors. "triton" on CPU tensors
 runs the same kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before triton is
-imported. Launch configs come from the perf DB (issue 4) and, on a miss, from each op's documented
-`default_config` rule.
+imported.
+
+Launch config (`config_for`, called by every Triton launcher): the perf DB (`dustin_kernels.perf_db`,
+folder `$DUSTIN_PERF_DB` or the package's) is searched along the chain
+
+    this GPU's file -> files of the same family (H200 / H200 NVL, H100 SXM / PCIe / NVL, ...)
+    -> any file of the same arch -> the op's documented `default_config` rule,
+
+for an entry of the spec's uri at the batch bucket (next power of two); among that file's context
+buckets the nearest in log space wins. A fallback or a miss warns once per (spec, batch bucket,
+device) and misses are counted (`misses()`). A corrupt or truncated file warns and is ignored (the
+next level or the default rule is used); entries tuned for an older template are used, with a
+warning. Files are read once per process (`reset()` forgets them). `override()` pins a config (tests,
+the tuner); `record()` collects the calls (the tuner learns each op's DB key); `using()` points the
+lookup at another folder or device name (tests).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import os
+import warnings
+from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import perf_db
+
 BACKENDS = ("torch", "triton")
+
+
+class PerfDBWarning(UserWarning):
+    """A perf-DB miss, fallback, stale entry or unreadable file."""
 
 
 def interpreter_enabled() -> bool:
@@ -44,6 +69,201 @@ def arch_for(device: torch.device) -> str:
     raise ValueError(f"device: dustin_kernels needs compute capability >= 8.0, got {major}.{minor}")
 
 
-def config_for(spec, batch: int, context: int, default: Callable[..., dict]) -> dict:
-    """Launch config for `spec` at this batch and context; the perf DB is consulted first (issue 4)."""
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """A resolved DB lookup: the entries of one file for one (uri, batch bucket)."""
+    level: str  # "device" | "family" | "arch"
+    device: str  # the file's device slug
+    contexts: tuple  # ((log2 context bucket, config), ...)
+
+    def config(self, context: int) -> dict:
+        """Config of the context bucket nearest to `context` in log space (ties: the larger bucket)."""
+        x = math.log2(max(1, context))
+        return min(self.contexts, key=lambda c: (abs(c[0] - x), -c[0]))[1]
+
+
+class _State:
+    def __init__(self):
+        self.db: str | None = None  # using(db=...); else $DUSTIN_PERF_DB, else the package's folder
+        self.device: str | None = None  # using(device=...): the slug of a GPU name to pretend
+        self.overrides: list = []  # [(kernel | KernelSpec | None, config)]
+        self.recordings: list = []
+        self.tables: dict = {}  # (db, kernel, arch) -> {device slug: {uri: {batch bucket: [(ctx, config)]}}}
+        self.hits: dict = {}  # (db, spec, device slug, batch bucket) -> Hit | None
+        self.cuda_names: dict = {}  # device index -> slug
+        self.warned: set = set()
+        self.misses: Counter = Counter()
+
+
+_state = _State()
+_UNRESOLVED = object()
+
+
+def _root() -> str:
+    return _state.db or os.environ.get("DUSTIN_PERF_DB") or str(perf_db.root())
+
+
+def db_root() -> Path:
+    """The DB folder dispatch reads: `using(db=...)`, else `$DUSTIN_PERF_DB`, else the package's."""
+    return Path(_root())
+
+
+def reset() -> None:
+    """Forget parsed files, resolved lookups, warnings and miss counts (files are re-read on next use)."""
+    _state.tables.clear()
+    _state.hits.clear()
+    _state.cuda_names.clear()
+    _state.warned.clear()
+    _state.misses.clear()
+
+
+def misses() -> dict:
+    """Calls that fell back to the default rule, by '<uri>|b<batch bucket>|<device>'."""
+    return dict(_state.misses)
+
+
+@contextlib.contextmanager
+def override(config: dict, *, kernel: str | None = None, spec=None):
+    """Within the block, `config_for` returns `config` for `spec` (or every spec of `kernel`, or every
+    spec when both are None). Nested overrides: the innermost matching one wins."""
+    if (kernel is not None) + (spec is not None) > 1:
+        raise ValueError("override: give at most one of kernel= and spec=")
+    item = (spec if spec is not None else kernel, dict(config))
+    _state.overrides.append(item)
+    try:
+        yield
+    finally:
+        _state.overrides.remove(item)
+
+
+@contextlib.contextmanager
+def record():
+    """Yields a list that collects (spec, batch, context, default) of every `config_for` call in the block."""
+    calls: list = []
+    _state.recordings.append(calls)
+    try:
+        yield calls
+    finally:
+        _state.recordings.remove(calls)
+
+
+@contextlib.contextmanager
+def using(db: str | os.PathLike | None = None, device: str | None = None):
+    """Within the block, read the DB at `db` and/or pretend the CUDA GPU is named `device` (tests)."""
+    saved = (_state.db, _state.device)
+    _state.db = str(db) if db is not None else saved[0]
+    _state.device = perf_db.device_slug(device) if device is not None else saved[1]
+    reset()
+    try:
+        yield
+    finally:
+        _state.db, _state.device = saved
+        reset()
+
+
+def device_slug(arch: str, device: torch.device | None = None) -> str:
+    """DB file name of the GPU running `arch` kernels ('cpu' for the interpreter)."""
+    if arch == "interp":
+        return "cpu"
+    if _state.device is not None:
+        return _state.device
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    slug = _state.cuda_names.get(index)
+    if slug is None:
+        slug = _state.cuda_names[index] = perf_db.device_slug(torch.cuda.get_device_name(index))
+    return slug
+
+
+def config_for(spec, batch: int, context: int, default: Callable[..., dict], device=None) -> dict:
+    """Launch config for `spec` at this batch and context (see the module docstring for the chain).
+
+    `default(spec, batch=, context=)` is the op's documented rule; `device` (a torch.device) picks the
+    GPU whose DB file is read (default: the current CUDA device)."""
+    for calls in _state.recordings:
+        calls.append((spec, batch, context, default))
+    for target, config in reversed(_state.overrides):
+        if target is None or target == spec or target == spec.kernel:
+            return dict(config)
+    slug = device_slug(spec.arch, device)
+    bucket = perf_db.batch_bucket(batch)
+    key = (_root(), spec, slug, bucket)
+    hit = _state.hits.get(key, _UNRESOLVED)
+    if hit is _UNRESOLVED:
+        hit = _state.hits[key] = _resolve(spec, slug, bucket, default, batch, context)
+    if hit is not None:
+        return dict(hit.config(context))
+    _state.misses[f"{spec.uri()}|b{bucket}|{slug}"] += 1
     return default(spec, batch=batch, context=context)
+
+
+def _resolve(spec, slug: str, bucket: int, default, batch: int, context: int) -> Hit | None:
+    """First file along the chain with entries for (uri, batch bucket) whose configs fit the op."""
+    table = _table(spec.kernel, spec.arch)
+    family = perf_db.device_family(slug)
+    others = sorted(d for d in table if d != slug)
+    chain = ([("device", slug)] if slug in table else []) + [
+        ("family", d) for d in others if perf_db.device_family(d) == family] + [
+        ("arch", d) for d in others if perf_db.device_family(d) != family]
+    uri = spec.uri()
+    where = f"{uri} at batch bucket {bucket} on {slug}"
+    expected = None
+    for level, device in chain:
+        rows = table[device].get(uri, {}).get(bucket)
+        if not rows:
+            continue
+        expected = expected or set(default(spec, batch=batch, context=context))
+        bad = [ctx for ctx, config in rows if set(config) != expected]
+        if bad:
+            _warn_once(("keys", device, uri, bucket),
+                       f"perf DB: entries of {where} in {device}.json have config keys other than the "
+                       f"default rule's {sorted(expected)} (tuned for an older op?); ignored")
+            continue
+        if level != "device":
+            _warn_once(("fallback", uri, bucket, slug),
+                       f"perf DB: no entry for {where} in {db_root()}; using the one tuned on {device} "
+                       f"(same {'family' if level == 'family' else 'arch'})")
+        return Hit(level, device, tuple((math.log2(ctx), config) for ctx, config in sorted(rows)))
+    if spec.arch != "interp":  # the interpreter's configs are not performance settings: no warning
+        _warn_once(("miss", uri, bucket, slug),
+                   f"perf DB: no tuned config for {where} ({spec.arch}) in {db_root()}; using the default rule "
+                   f"of {spec.kernel} (run `python -m dustin_kernels.autotune` on this GPU)")
+    return None
+
+
+def _table(kernel: str, arch: str) -> dict:
+    """{device slug: {uri: {batch bucket: [(context bucket, config)]}}} of the files of (kernel, arch)."""
+    key = (_root(), kernel, arch)
+    if key not in _state.tables:
+        _state.tables[key] = _load(kernel, arch)
+    return _state.tables[key]
+
+
+def _load(kernel: str, arch: str) -> dict:
+    from .codegen import template_hash
+
+    table: dict = {}
+    for path in sorted((db_root() / kernel / arch).glob("*.json")):
+        try:
+            doc = perf_db.read(path)
+            if (doc["kernel"], doc["arch"], doc["device"]) != (kernel, arch, path.stem):
+                raise perf_db.PerfDBError(f"{path}: holds {doc['kernel']}/{doc['arch']}/{doc['device']}")
+            rows: dict = {}
+            for entry_key, entry in doc["entries"].items():
+                uri, batch, context = perf_db.parse_key(entry_key)
+                rows.setdefault(uri, {}).setdefault(batch, []).append((context, entry["config"]))
+        except perf_db.PerfDBError as exc:
+            _warn_once(("file", str(path)), f"perf DB: {exc}; file ignored, default rules used instead")
+            continue
+        table[path.stem] = rows
+        stale = perf_db.stale_keys(doc, template_hash(kernel))
+        if stale:
+            _warn_once(("stale", str(path)),
+                       f"perf DB: {len(stale)} of {len(doc['entries'])} entries of {path} were tuned for another "
+                       f"version of templates/{kernel}.py.j2 (stale, still used; retune)")
+    return table
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _state.warned:
+        _state.warned.add(key)
+        warnings.warn(message, PerfDBWarning, stacklevel=4)

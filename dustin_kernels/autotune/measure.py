@@ -1,0 +1,388 @@
+"""Measurement protocol of the tuner.
+
+1. Prepare (before any timing, `parallel` configs at a time in worker processes): compile each config
+   ahead of time for the target arch with `dustin_kernels.aot.check` (dropped: compile errors and
+   shared memory above the device's limit; verdicts cached on disk per spec, config, template and
+   Triton version), then run it once on a small ragged problem against the float64 reference of
+   `dustin_kernels.ref` (dropped: launch errors and wrong results). The real run also fills Triton's
+   on-disk compile cache, so the timing process does not compile.
+2. Time (GPU): the public op under `dispatch.override`, captured in a CUDA graph where capture works
+   (no Python or launch overhead in the figure), `triton.testing.do_bench` with the L2 cache flushed
+   before every replay; median and IQR of all replays. NVML is read around each block: clock-event
+   (throttle) reasons and the thermal violation counter; a throttled block is repeated, and one that
+   stays throttled is reported as such.
+3. Final (`Timer.interleaved`): the best few, the default rule and the baseline are re-measured in
+   rounds that interleave them, so that drift hits all alike.
+In the interpreter (`--interpret`) times are wall-clock medians of a few calls: not performance figures.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .. import aot, codegen, dispatch
+from .workloads import Problem, Workload, build
+
+SMEM_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (A100, H100/H200) without a device to ask
+
+
+@dataclasses.dataclass
+class Timing:
+    median_us: float
+    iqr_us: float
+    samples: int
+    throttle: list  # throttle reasons seen in the block that produced the figure ([] = clean)
+
+
+# --- NVML ------------------------------------------------------------------------------------------
+
+class Monitor:
+    """NVML readings of one CUDA device; every method is a no-op when NVML is unavailable."""
+
+    def __init__(self, device: torch.device | None):
+        self.nvml = self.handle = None
+        if device is None or device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(device)
+            bus = getattr(props, "pci_bus_id", None)
+            if bus is not None:
+                pci = f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+                self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci)
+            else:
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.nvml = pynvml
+        except Exception:  # no NVML library, no permission, no matching device: no readings
+            self.nvml = self.handle = None
+
+    def _call(self, name: str, *args):
+        try:
+            return getattr(self.nvml, name)(self.handle, *args)
+        except Exception:
+            return None
+
+    def info(self) -> dict:
+        """Driver, max clocks and power limit (for the DB's _meta)."""
+        if self.nvml is None:
+            return {"driver": None, "clocks": {"sm_max_mhz": None, "mem_max_mhz": None, "power_limit_w": None}}
+        try:
+            driver = self.nvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception:
+            driver = None
+        power = self._call("nvmlDeviceGetPowerManagementLimit")
+        return {"driver": driver, "clocks": {
+            "sm_max_mhz": self._call("nvmlDeviceGetMaxClockInfo", self.nvml.NVML_CLOCK_SM),
+            "mem_max_mhz": self._call("nvmlDeviceGetMaxClockInfo", self.nvml.NVML_CLOCK_MEM),
+            "power_limit_w": power / 1000 if power is not None else None}}
+
+    def snapshot(self) -> dict:
+        if self.nvml is None:
+            return {}
+        reasons = (self._call("nvmlDeviceGetCurrentClocksEventReasons")
+                   if hasattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons")
+                   else self._call("nvmlDeviceGetCurrentClocksThrottleReasons"))
+        thermal = self._call("nvmlDeviceGetViolationStatus", self.nvml.NVML_PERF_POLICY_THERMAL)
+        power = self._call("nvmlDeviceGetViolationStatus", self.nvml.NVML_PERF_POLICY_POWER)
+        return {"reasons": reasons or 0,
+                "thermal_ns": getattr(thermal, "violationTime", 0), "power_ns": getattr(power, "violationTime", 0),
+                "sm_mhz": self._call("nvmlDeviceGetClockInfo", self.nvml.NVML_CLOCK_SM),
+                "temp_c": self._call("nvmlDeviceGetTemperature", self.nvml.NVML_TEMPERATURE_GPU)}
+
+    def throttled(self, before: dict, after: dict) -> list[str]:
+        """Throttle reasons between two snapshots (thermal or hardware slowdowns; a software power cap
+        is the normal state of a loaded GPU and is not counted)."""
+        if not after:
+            return []
+        n = self.nvml
+        bits = {"hw_slowdown": n.nvmlClocksThrottleReasonHwSlowdown,
+                "sw_thermal": n.nvmlClocksThrottleReasonSwThermalSlowdown,
+                "hw_thermal": n.nvmlClocksThrottleReasonHwThermalSlowdown,
+                "hw_power_brake": n.nvmlClocksThrottleReasonHwPowerBrakeSlowdown}
+        found = [name for name, bit in bits.items() if after["reasons"] & bit]
+        if after["thermal_ns"] > before.get("thermal_ns", after["thermal_ns"]):
+            found.append("thermal_violation")
+        return found
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+def _stats(times_ms: list) -> tuple[float, float]:
+    """(median, interquartile range) in microseconds."""
+    if len(times_ms) < 2:
+        return times_ms[0] * 1e3, 0.0
+    q1, q2, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return q2 * 1e3, (q3 - q1) * 1e3
+
+
+class Timer:
+    """Times callables on `device`: CUDA (graph replay, do_bench, L2 flush, NVML) or CPU (interpreter)."""
+
+    def __init__(self, device: torch.device, *, rep_ms: float = 40, warmup_ms: float = 10, retries: int = 2,
+                 cpu_reps: int = 3, graphs: bool = True):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.monitor = Monitor(device)
+        self.rep_ms, self.warmup_ms, self.retries, self.cpu_reps = rep_ms, warmup_ms, retries, cpu_reps
+        self.graphs = graphs and self.cuda
+
+    def prepare(self, fn):
+        """`fn` as a CUDA-graph replay where capture works, else `fn` itself."""
+        if not self.graphs:
+            return fn
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            torch.cuda.synchronize(self.device)
+            return graph.replay
+        except Exception:  # an op that syncs or allocates on the host: time the plain call
+            torch.cuda.synchronize(self.device)
+            return fn
+
+    def _block(self, fn, rep_ms: float) -> list:
+        """Raw times (ms) of one block of calls."""
+        if not self.cuda:
+            fn()  # warm-up
+            times = []
+            for _ in range(self.cpu_reps):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return times
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=rep_ms, return_mode="all")
+
+    def time(self, fn, rep_ms: float | None = None) -> Timing:
+        """Median and IQR of `fn` (already prepared); a throttled block is repeated up to `retries` times."""
+        for attempt in range(self.retries + 1):
+            before = self.monitor.snapshot()
+            times = self._block(fn, rep_ms or self.rep_ms)
+            throttle = self.monitor.throttled(before, self.monitor.snapshot())
+            if not throttle:
+                break
+            time.sleep(1.0 + attempt)  # let the GPU cool down before repeating the block
+        median, iqr = _stats(times)
+        return Timing(median, iqr, len(times), throttle)
+
+    def interleaved(self, fns: dict, rounds: int = 5) -> dict:
+        """{name: Timing} of every callable, re-measured in `rounds` interleaved rounds (order rotated
+        each round); a throttled round is repeated up to `retries` times."""
+        names = list(fns)
+        times = {name: [] for name in names}
+        throttle: list = []
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for attempt in range(self.retries + 1):
+                before = self.monitor.snapshot()
+                block = {name: self._block(fns[name], self.rep_ms / 2) for name in order}
+                throttle = self.monitor.throttled(before, self.monitor.snapshot())
+                if not throttle:
+                    break
+                time.sleep(1.0 + attempt)
+            for name in names:
+                times[name] += block[name]
+        return {name: Timing(*_stats(times[name]), len(times[name]), throttle) for name in names}
+
+    def copy_gbs(self, nbytes: int = 1 << 30) -> float | None:
+        """Device-to-device copy bandwidth (bytes read + written per second, GB/s); None on CPU."""
+        if not self.cuda:
+            return None
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        median_us = self.time(lambda: dst.copy_(src)).median_us
+        del src, dst
+        return 2 * nbytes / median_us / 1e3
+
+
+def runner(problem: Problem, spec, config: dict):
+    """A callable that runs the problem's op with `config` pinned for `spec`."""
+    def run():
+        with dispatch.override(config, spec=spec):
+            return problem.call()
+    return run
+
+
+# --- preparation: AOT verdicts and the correctness run ----------------------------------------------
+
+def _aot_key(spec, config: dict, smem_limit: int) -> str:
+    import triton
+
+    config_text = json.dumps(config, sort_keys=True)
+    return f"{spec.uri()}|{config_text}|{codegen.template_hash(spec.kernel)}|{triton.__version__}|{smem_limit}"
+
+
+def aot_verdict(spec, config: dict, smem_limit: int) -> dict:
+    """Compile `config` for `spec.arch` without running it: {"ok", "error", registers, spills, shared}."""
+    results = aot.check(spec, config, aot.op_module(spec.kernel).aot_kernels)
+    verdict = {"registers": max(r.registers for r in results), "spill_bytes": max(r.spill_bytes for r in results),
+               "shared_bytes": max(r.shared_bytes for r in results),
+               "error": "; ".join(f"{r.function}: {r.error}" for r in results if r.error)}
+    if not verdict["error"] and verdict["shared_bytes"] > smem_limit:
+        verdict["error"] = f"shared memory {verdict['shared_bytes']} B exceeds the limit {smem_limit} B"
+    verdict["ok"] = not verdict["error"]
+    return verdict
+
+
+class _Worker:
+    """State of a preparation process: small problems and their references, per workload."""
+    problems: dict = {}
+
+    @classmethod
+    def init(cls, interpret: bool):
+        if not interpret:
+            os.environ.pop("TRITON_INTERPRET", None)
+        cls.problems = {}
+
+    @classmethod
+    def problem(cls, workload: dict, device: str):
+        key = (json.dumps(workload, sort_keys=True), device)
+        if key not in cls.problems:
+            small = build(Workload.from_json(workload).small(), device, ragged=True, seed=1)
+            cls.problems[key] = (small, small.reference())
+        return cls.problems[key]
+
+
+def prepare_one(task: dict) -> dict:
+    """One config: {"status": "ok" | "compile" | "launch" | "wrong", "detail": {...}} (runs in a worker)."""
+    from ..spec import KernelSpec
+
+    spec = KernelSpec.from_uri(task["uri"])
+    detail: dict = {}
+    if task["aot"]:
+        try:
+            verdict = aot_verdict(spec, task["config"], task["smem_limit"])
+        except Exception as exc:  # aot_kernels itself rejected the config
+            verdict = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        detail["aot"] = verdict
+        if not verdict["ok"]:
+            return {"status": "compile", "detail": detail}
+    if not task["run"]:
+        return {"status": "ok", "detail": detail}
+    try:
+        problem, expected = _Worker.problem(task["workload"], task["device"])
+        out = runner(problem, spec, task["config"])()
+        if problem.inputs["seq_lens"].is_cuda:
+            torch.cuda.synchronize()
+        wrong = problem.mismatch(out, expected)
+    except Exception as exc:
+        detail["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-800:]
+        # a CUDA error is sticky: the process that hit it cannot launch again
+        detail["fatal"] = "CUDA error" in detail["error"] or "illegal memory access" in detail["error"]
+        return {"status": "launch", "detail": detail}
+    if wrong:
+        detail["error"] = wrong
+        return {"status": "wrong", "detail": detail}
+    return {"status": "ok", "detail": detail}
+
+
+class Preparer:
+    """Runs `prepare_one` for batches of configs (a process pool when jobs > 1) with a verdict cache."""
+
+    def __init__(self, device: torch.device, arch: str, *, jobs: int = 1, use_aot: bool = True,
+                 cache: Path | None = None):
+        self.device, self.arch = device, arch
+        self.use_aot = use_aot and arch in SMEM_LIMIT
+        self.smem_limit = SMEM_LIMIT.get(arch, 0)
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            self.smem_limit = getattr(props, "shared_memory_per_block_optin", self.smem_limit)
+        self.cache_path = cache or codegen.cache_dir().parent / "aot_verdicts.json"
+        try:
+            self.verdicts = json.loads(self.cache_path.read_text())
+        except (OSError, ValueError):
+            self.verdicts = {}
+        self.jobs = jobs
+        self.pool = self._start() if jobs > 1 else None
+
+    def _start(self):
+        return concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_Worker.init, initargs=(self.arch == "interp",))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def __call__(self, workload: Workload, spec, configs: list) -> list[dict]:
+        """{"status", "detail"} per config (see `prepare_one`); AOT verdicts come from the cache when known."""
+        tasks = []
+        for config in configs:
+            cached = self.verdicts.get(_aot_key(spec, config, self.smem_limit)) if self.use_aot else None
+            tasks.append({"uri": spec.uri(), "config": config, "workload": workload.to_json(),
+                          "device": str(self.device), "smem_limit": self.smem_limit,
+                          "aot": self.use_aot and cached is None, "run": cached is None or cached["ok"]})
+        if self.pool is not None:
+            results = list(self.pool.map(prepare_one, tasks))
+            if any(r["detail"].get("fatal") for r in results):  # replace the workers a CUDA error broke
+                self.pool.shutdown()
+                self.pool = self._start()
+        else:
+            results = [prepare_one(t) for t in tasks]
+        for task, result in zip(tasks, results):
+            if not self.use_aot:
+                continue
+            key = _aot_key(spec, task["config"], self.smem_limit)
+            if task["aot"]:
+                self.verdicts[key] = result["detail"]["aot"]
+            else:
+                result["detail"]["aot"] = self.verdicts[key]
+                if not self.verdicts[key]["ok"]:
+                    result["status"] = "compile"
+        if any(t["aot"] for t in tasks):
+            self._save()
+        return results
+
+    def _save(self) -> None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_name(f".{self.cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.verdicts, sort_keys=True))
+        os.replace(tmp, self.cache_path)
+
+
+def environment(device: torch.device, monitor: Monitor) -> dict:
+    """Provenance fields of the DB's _meta that describe the machine and software."""
+    import triton
+
+    from .. import __file__ as package_file
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {"gpu_name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+               "sm_count": props.multi_processor_count}
+    else:
+        gpu = {"gpu_name": "cpu (Triton interpreter)", "compute_capability": None, "sm_count": None}
+    return {**gpu, **monitor.info(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "git_commit": _git_commit(Path(package_file).resolve().parents[1])}
+
+
+def _git_commit(folder: Path) -> str | None:
+    """HEAD of the checkout the package runs from ('+dirty' with local changes); None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) if head else None

@@ -1,0 +1,258 @@
+"""The problems the tuner times: each kernel's public op on synthetic inputs of a model shape.
+
+A `Workload` names one op call (DB entries store its fields, so `tools/perf_check.py` rebuilds the
+same problem). `context` is the history per sequence (ctx_len); every sequence is full length:
+
+- estimate  attention_scores of one query row (the target's last committed query) on `heads`
+            retrieval heads spread over the KV heads; N_max = context + 1;
+- lookahead attention_scores of the T window rows on `heads` heads of the draft model (the workload's
+            shape is the draft's, e.g. qwen2.5-0.5b); N_max = context + T;
+- select    select_tokens of random draft and target block scores, m = budget // 4, sink 4, recent 16;
+- sparse    sparse_verify of the T window queries over `budget` random distinct history blocks;
+- dense     dense_verify over the whole history (the in-house dense baseline).
+
+`dispatch_key` predicts the (spec, batch, context) the op's launcher passes to `dispatch.config_for`;
+the tuner checks it against the recorded call, so a drift between this file and the ops is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import perf_db
+from ..spec import DTYPES, KernelSpec
+
+KERNEL_OF = {"estimate": "attention_scores", "lookahead": "attention_scores", "select": "select_tokens",
+             "sparse": "sparse_verify", "dense": "sparse_verify"}
+SINK, RECENT = 4, 16
+# (atol, rtol) of the correctness check against the float64 reference, per input dtype; it rejects
+# broken configs, it is not a precision test (tests/ holds those)
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (4e-3, 4e-3), "bf16": (2e-2, 2e-2)}
+SCORES_TOLERANCE = (1e-4, 1e-3)  # fp32 outputs (probability mass per block)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str  # one of KERNEL_OF
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    window: int  # T of the verification step
+    block_size: int
+    batch: int
+    context: int  # history tokens per sequence
+    budget: int = 512  # blocks (select, sparse)
+    heads: int = 4  # retrieval heads (estimate, lookahead)
+
+    def __post_init__(self):
+        if self.name not in KERNEL_OF:
+            raise ValueError(f"workload: expected one of {sorted(KERNEL_OF)}, got {self.name!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"shape: q_heads {self.q_heads} must be a multiple of kv_heads {self.kv_heads}")
+        if self.name in ("select", "sparse") and self.budget < SINK + RECENT:
+            raise ValueError(f"budget: expected at least sink + recent = {SINK + RECENT} blocks, got {self.budget}")
+
+    @property
+    def kernel(self) -> str:
+        return KERNEL_OF[self.name]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Workload":
+        return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls) if f.name in doc})
+
+    def label(self) -> str:
+        return (f"{self.name} Hq{self.q_heads}/Hkv{self.kv_heads} D{self.head_dim} {self.dtype} T{self.window} "
+                f"bs{self.block_size} B{self.batch} ctx{self.context}"
+                + (f" budget{self.budget}" if self.name in ("select", "sparse") else "")
+                + (f" heads{self.heads}" if self.name in ("estimate", "lookahead") else ""))
+
+    # --- derived sizes ------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Query rows per head of the op: 1 (estimate), else T."""
+        return 1 if self.name == "estimate" else self.window
+
+    @property
+    def score_heads(self) -> tuple[int, ...]:
+        n = min(self.heads, self.q_heads)
+        return tuple(i * self.q_heads // n for i in range(n))
+
+    @property
+    def n_max(self) -> int:
+        return self.context + self.rows
+
+    @property
+    def history_blocks(self) -> int:
+        return math.ceil(self.context / self.block_size)
+
+    def dispatch_key(self, arch: str) -> tuple[KernelSpec, int, int]:
+        """(spec, batch, context) that the op's launcher passes to `dispatch.config_for`."""
+        common = dict(arch=arch, dtype=self.dtype, head_dim=self.head_dim)
+        if self.kernel == "attention_scores":
+            group = self.q_heads // self.kv_heads
+            per_kv: dict = {}
+            for h in self.score_heads:
+                per_kv[h // group] = per_kv.get(h // group, 0) + 1
+            spec = KernelSpec("attention_scores", group=max(per_kv.values()), window=self.rows,
+                              block_size=self.block_size, **common)
+            return spec, self.batch, self.n_max
+        if self.kernel == "select_tokens":
+            return KernelSpec("select_tokens", arch, block_size=self.block_size), self.batch, self.history_blocks
+        dense = self.name == "dense"
+        spec = KernelSpec("sparse_verify", group=self.q_heads // self.kv_heads, window=self.window,
+                          block_size=1 if dense else self.block_size, variant="dense" if dense else "", **common)
+        return spec, self.batch, self.context if dense else self.budget * self.block_size
+
+    def db_key(self, arch: str) -> str:
+        spec, batch, context = self.dispatch_key(arch)
+        return perf_db.entry_key(spec.uri(), batch, context)
+
+    def bytes_moved(self) -> int:
+        """Bytes the op must read and write at least (each input element it needs once)."""
+        elem = DTYPES[self.dtype].itemsize
+        B, D = self.batch, self.head_dim
+        if self.kernel == "attention_scores":
+            used_kv = len({h // (self.q_heads // self.kv_heads) for h in self.score_heads})
+            return (B * used_kv * self.n_max * D + B * len(self.score_heads) * self.rows * D) * elem \
+                + 4 * B * math.ceil(self.n_max / self.block_size)
+        if self.kernel == "select_tokens":
+            return 2 * 4 * B * self.history_blocks + 4 * B * (self.budget + 1)
+        kv_rows = self.context if self.name == "dense" else min(self.budget * self.block_size, self.context)
+        qo = 2 * B * self.q_heads * self.window * D * elem
+        return 2 * B * self.kv_heads * (kv_rows + self.window) * D * elem + qo
+
+    def small(self) -> "Workload":
+        """The correctness problem: same spec, batch <= 2, a shorter history (ragged in `build`)."""
+        least = {"select": 4 * self.budget * self.block_size, "sparse": 2 * self.budget * self.block_size}
+        context = min(self.context, max(1024, least.get(self.name, 0)))
+        return dataclasses.replace(self, batch=min(self.batch, 2), context=context)
+
+
+def from_grid(grid: dict, name: str, kernels, *, workloads=None, shapes=None, batches=None, contexts=None,
+              **settings) -> list:
+    """Workloads of grid `name` of `autotune/grid.json` for `kernels`: the grid's shapes, batches and
+    contexts unless given, its settings (defaults, then the grid's overrides) replaced by `settings`
+    that are not None. 'lookahead' runs on the draft preset's shape."""
+    from ..shapes import PRESETS
+
+    g = grid["grids"][name]
+    s = {**grid["defaults"], **g.get("overrides", {}), **{k: v for k, v in settings.items() if v is not None}}
+    out = []
+    for kernel in kernels:
+        for wname in grid["workloads"][kernel]:
+            if workloads and wname not in workloads:
+                continue
+            for shape in [PRESETS[s["draft"]]] if wname == "lookahead" else shapes or [PRESETS[n] for n in g["shapes"]]:
+                for batch in batches or g["batch"]:
+                    for context in contexts or g["context"]:
+                        out.append(Workload(wname, shape.q_heads, shape.kv_heads, shape.head_dim, s["dtype"],
+                                            s["window"], s["block_size"], batch, context, s["budget"], s["heads"]))
+    return out
+
+
+@dataclasses.dataclass
+class Problem:
+    """Inputs on a device and the op call; `reference()` gives the float64 oracle on CPU."""
+    workload: Workload
+    inputs: dict
+    ragged: bool
+
+    def call(self, backend: str = "triton"):
+        w, x = self.workload, self.inputs
+        from .. import attention_scores, dense_verify, select_tokens, sparse_verify
+
+        if w.kernel == "attention_scores":
+            return attention_scores(x["q"], x["k"], x["seq_lens"], heads=list(w.score_heads),
+                                    block_size=w.block_size, backend=backend)
+        if w.kernel == "select_tokens":
+            return select_tokens(x["s_draft"], x["s_target"], x["seq_lens"], budget=w.budget, m=w.budget // 4,
+                                 sink=SINK, recent=RECENT, window=w.window, block_size=w.block_size, backend=backend)
+        if w.name == "dense":
+            return dense_verify(x["q"], x["k"], x["v"], x["seq_lens"], backend=backend)
+        return sparse_verify(x["q"], x["k"], x["v"], x["seq_lens"], x["idx"], x["count"], block_size=w.block_size,
+                             backend=backend)
+
+    def baseline(self):
+        """The reference op timed beside the winner (dense_verify for 'sparse'), or None."""
+        if self.workload.name != "sparse":
+            return None
+        from .. import dense_verify
+
+        x = self.inputs
+        return "dense_verify", lambda: dense_verify(x["q"], x["k"], x["v"], x["seq_lens"])
+
+    def reference(self):
+        from .. import ref
+
+        w, x = self.workload, self.inputs
+        if w.kernel == "attention_scores":
+            return ref.attention_scores(x["q"], x["k"], x["seq_lens"], heads=list(w.score_heads),
+                                        block_size=w.block_size)
+        if w.kernel == "select_tokens":
+            return ref.select_tokens(x["s_draft"], x["s_target"], x["seq_lens"], w.budget, w.budget // 4, SINK,
+                                     RECENT, w.window, w.block_size)
+        if w.name == "dense":
+            return ref.dense_attention(x["q"], x["k"], x["v"], x["seq_lens"])
+        return ref.sparse_verify(x["q"], x["k"], x["v"], x["seq_lens"], x["idx"], x["count"], w.block_size)
+
+    def mismatch(self, out, expected) -> str:
+        """'' when the op's output matches the reference, else what differs."""
+        w = self.workload
+        if w.kernel == "select_tokens":
+            for name, got, want in zip(("idx", "count"), out, expected):
+                if not torch.equal(got.cpu().long(), want.long()):
+                    bad = (got.cpu().long() != want.long()).nonzero()[0].tolist()
+                    return f"{name} differs from the reference at {bad}"
+            return ""
+        atol, rtol = SCORES_TOLERANCE if w.kernel == "attention_scores" else TOLERANCE[w.dtype]
+        got = out.detach().double().cpu()
+        if got.shape != expected.shape:
+            return f"shape {tuple(got.shape)} != reference {tuple(expected.shape)}"
+        err = (got - expected).abs() - (atol + rtol * expected.abs())
+        if not torch.isfinite(got).all() or (err > 0).any():
+            worst = (got - expected).abs().nan_to_num(float("inf")).max().item()
+            return f"max abs error {worst:.3g} exceeds atol {atol} + rtol {rtol} * |ref|"
+        return ""
+
+
+def build(w: Workload, device, *, ragged: bool = False, seed: int = 0) -> Problem:
+    """Random inputs of `w` on `device` (full-length sequences; `ragged`: the last one 3/4 as long)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # tensors are drawn where they live
+    g_cpu = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[w.dtype]
+    B = w.batch
+    lens = [w.n_max] * B
+    if ragged and B > 1:
+        lens[-1] = w.rows + max(1, (3 * w.context) // 4)
+    inputs = {"seq_lens": torch.tensor(lens, dtype=torch.int32, device=device)}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    if w.kernel == "select_tokens":
+        W = w.history_blocks
+        inputs.update(s_draft=torch.rand(B, W, generator=g, device=device),
+                      s_target=torch.rand(B, W, generator=g, device=device))
+        return Problem(w, inputs, ragged)
+    inputs.update(q=randn(B, w.q_heads, w.rows, w.head_dim), k=randn(B, w.kv_heads, w.n_max, w.head_dim))
+    if w.kernel == "sparse_verify":
+        inputs["v"] = randn(B, w.kv_heads, w.n_max, w.head_dim)
+    if w.name == "sparse":
+        idx = torch.full((B, w.budget), -1, dtype=torch.int32)
+        count = torch.zeros(B, dtype=torch.int32)
+        for b, length in enumerate(lens):
+            n = math.ceil((length - w.window) / w.block_size)
+            chosen = torch.randperm(n, generator=g_cpu)[: w.budget].sort().values
+            idx[b, : len(chosen)] = chosen.int()
+            count[b] = len(chosen)
+        inputs.update(idx=idx.to(device), count=count.to(device))
+    return Problem(w, inputs, ragged)

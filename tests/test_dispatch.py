@@ -1,0 +1,179 @@
+"""Runtime dispatch: the lookup chain (device -> family -> arch -> default), buckets, warnings, the miss
+counter, overrides, broken files, and no file IO per call."""
+import warnings
+
+import pytest
+
+from dustin_kernels import dispatch, perf_db
+from dustin_kernels.spec import KernelSpec
+
+from test_perf_db import CONFIG, make_doc, make_entry
+
+SPEC = KernelSpec("sparse_verify", "sm90", "bf16", head_dim=128, group=8, window=5, block_size=1)
+URI = SPEC.uri()
+DEFAULT = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "num_splits": 1}
+
+
+def default_rule(spec, *, batch, context):
+    return dict(DEFAULT, num_splits=max(1, 64 // batch))
+
+
+def put(db, device, entries, arch="sm90"):
+    perf_db.write(perf_db.path_for(db, "sparse_verify", arch, device),
+                  make_doc(entries={f"{URI.replace('sm90', arch)}|{k}": v for k, v in entries.items()},
+                           device=device, arch=arch))
+
+
+def cfg(**changes):
+    return {**CONFIG, **changes}
+
+
+@pytest.fixture
+def db(tmp_path):
+    """An empty DB folder that dispatch reads, on a pretended 'NVIDIA H200'."""
+    with dispatch.using(db=tmp_path, device="NVIDIA H200"):
+        yield tmp_path
+
+
+def lookup(batch=16, context=512, spec=SPEC):
+    return dispatch.config_for(spec, batch, context, default_rule)
+
+
+def test_exact_device_hit_with_batch_bucket_and_log_space_context(db):
+    put(db, "nvidia_h200", {"b16|c8192": make_entry(cfg(num_splits=2)), "b16|c32768": make_entry(cfg(num_splits=8)),
+                            "b1|c8192": make_entry(cfg(num_splits=32))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hit says nothing
+        assert lookup(16, 8192)["num_splits"] == 2
+        assert lookup(12, 8192)["num_splits"] == 2  # batch 12 -> bucket 16
+        assert lookup(16, 12000)["num_splits"] == 2  # log2 13.55: nearer 8192 (13) than 32768 (15)
+        assert lookup(16, 20000)["num_splits"] == 8  # log2 14.29: nearer 32768
+        assert lookup(16, 1 << 20)["num_splits"] == 8
+        assert lookup(1, 100)["num_splits"] == 32
+    assert dispatch.misses() == {}
+
+
+def test_miss_falls_back_to_the_default_rule_warns_once_and_counts(db):
+    put(db, "nvidia_h200", {"b16|c8192": make_entry()})
+    with pytest.warns(dispatch.PerfDBWarning, match=r"no tuned config .*batch bucket 8.*default rule") as caught:
+        assert lookup(5, 8192) == default_rule(SPEC, batch=5, context=8192)
+        assert lookup(6, 8192) == default_rule(SPEC, batch=6, context=8192)  # same bucket: no second warning
+    assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
+    assert dispatch.misses() == {f"{URI}|b8|nvidia_h200": 2}
+
+
+def test_family_then_arch_fallbacks(db):
+    put(db, "nvidia_h200_nvl", {"b16|c512": make_entry(cfg(num_splits=3))})  # same family as H200
+    put(db, "nvidia_h100_80gb_hbm3", {"b16|c512": make_entry(cfg(num_splits=6)),
+                                      "b4|c512": make_entry(cfg(num_splits=12))})  # same arch only
+    with pytest.warns(dispatch.PerfDBWarning, match="tuned on nvidia_h200_nvl .same family"):
+        assert lookup(16)["num_splits"] == 3
+    with pytest.warns(dispatch.PerfDBWarning, match="tuned on nvidia_h100_80gb_hbm3 .same arch"):
+        assert lookup(4)["num_splits"] == 12
+    put(db, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=1))})
+    dispatch.reset()
+    assert lookup(16)["num_splits"] == 1  # the exact device wins once it has the bucket
+    with dispatch.using(device="NVIDIA H100 PCIe"):
+        with pytest.warns(dispatch.PerfDBWarning, match="tuned on nvidia_h100_80gb_hbm3 .same family"):
+            assert lookup(16)["num_splits"] == 6
+
+
+def test_other_arch_files_are_not_used(db):
+    put(db, "nvidia_a100_sxm4_80gb", {"b16|c512": make_entry(cfg(num_splits=5))}, arch="sm80")
+    with pytest.warns(dispatch.PerfDBWarning, match="no tuned config"):
+        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+
+
+def test_interpreter_misses_are_counted_but_silent(db):
+    spec = KernelSpec("sparse_verify", "interp", "bf16", head_dim=64, group=4, window=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup(2, 32, spec) == default_rule(spec, batch=2, context=32)
+    assert dispatch.misses() == {f"{spec.uri()}|b2|cpu": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "schema"])
+def test_broken_file_warns_and_the_chain_goes_on(db, damage):
+    put(db, "nvidia_h200_nvl", {"b16|c512": make_entry(cfg(num_splits=3))})
+    path = perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h200")
+    text = perf_db.dumps(make_doc(entries={f"{URI}|b16|c512": make_entry(cfg(num_splits=9))}))
+    path.write_text({"truncated": text[:200], "garbage": "\x00" * 10,
+                     "schema": text.replace('"num_splits": 9', '"num_splits": "nine"')}[damage])
+    with pytest.warns(dispatch.PerfDBWarning) as caught:
+        assert lookup(16)["num_splits"] == 3  # the broken exact-device file is skipped, the family file used
+    messages = " ".join(str(w.message) for w in caught)
+    assert "nvidia_h200.json" in messages and "ignored" in messages
+    path.with_name("nvidia_h200_nvl.json").unlink()
+    dispatch.reset()
+    with pytest.warns(dispatch.PerfDBWarning):
+        assert lookup(16) == default_rule(SPEC, batch=16, context=512)  # and with nothing else: the default
+
+
+def test_stale_entries_are_used_with_a_warning(db):
+    put(db, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=7), template_hash="0123456789abcdef")})
+    with pytest.warns(dispatch.PerfDBWarning, match="stale"):
+        assert lookup(16)["num_splits"] == 7
+
+
+def test_entries_with_other_config_keys_are_ignored(db):
+    put(db, "nvidia_h200", {"b16|c512": make_entry({"BLOCK_N": 64, "num_warps": 4})})
+    with pytest.warns(dispatch.PerfDBWarning) as caught:
+        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+    assert [m for m in map(str, (w.message for w in caught)) if "config keys" in m]
+    assert [m for m in map(str, (w.message for w in caught)) if "no tuned config" in m]
+
+
+def test_files_are_read_once(db, monkeypatch):
+    put(db, "nvidia_h200", {"b16|c512": make_entry()})
+    reads = []
+    real_read = perf_db.read
+    monkeypatch.setattr(perf_db, "read", lambda path: reads.append(path) or real_read(path))
+    for batch in (16, 16, 12, 9, 16):
+        lookup(batch)
+    with pytest.warns(dispatch.PerfDBWarning):
+        lookup(2)
+    assert len(reads) == 1
+
+
+def test_returned_configs_are_copies(db):
+    put(db, "nvidia_h200", {"b16|c512": make_entry()})
+    lookup(16)["num_splits"] = 99
+    assert lookup(16)["num_splits"] == CONFIG["num_splits"]
+
+
+def test_override_wins_innermost_first_and_is_undone(db):
+    put(db, "nvidia_h200", {"b16|c512": make_entry()})
+    other = KernelSpec("sparse_verify", "sm90", "bf16", head_dim=64, group=4, window=5)
+    with dispatch.override({"BLOCK_N": 16}, kernel="sparse_verify"):
+        assert lookup(16) == {"BLOCK_N": 16}
+        with dispatch.override({"BLOCK_N": 128}, spec=SPEC):
+            assert lookup(16) == {"BLOCK_N": 128}
+            assert lookup(16, spec=other) == {"BLOCK_N": 16}
+        with dispatch.override({"BLOCK_N": 32}, kernel="attention_scores"):
+            assert lookup(16) == {"BLOCK_N": 16}
+    with pytest.raises(KeyError), dispatch.override({"BLOCK_N": 8}):
+        raise KeyError("inside")
+    assert lookup(16) == CONFIG
+    with pytest.raises(ValueError, match="at most one"), dispatch.override({}, kernel="x", spec=SPEC):
+        pass
+
+
+def test_record_collects_the_calls(db):
+    with dispatch.record() as calls, dispatch.override(CONFIG):
+        lookup(16, 512)
+    assert calls == [(SPEC, 16, 512, default_rule)]
+
+
+def test_environment_variable_points_at_another_db(tmp_path, monkeypatch):
+    put(tmp_path, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=11))})
+    monkeypatch.setenv("DUSTIN_PERF_DB", str(tmp_path))
+    with dispatch.using(device="NVIDIA H200"):
+        assert dispatch.db_root() == tmp_path
+        assert lookup(16)["num_splits"] == 11
+
+
+def test_the_package_db_is_the_default(monkeypatch):
+    monkeypatch.delenv("DUSTIN_PERF_DB", raising=False)
+    with dispatch.using():
+        assert dispatch.db_root() == perf_db.root()
+    assert (perf_db.root() / "schema.json").is_file()

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command on a CUDA machine (H100/H200: under 8 minutes).
+#
+#     bash tools/gpu_check.sh DIR        # run from anywhere; DIR receives every result and log
+#
+# Steps (each logged to DIR/<step>.log, exit codes in DIR/summary.txt; a failed step does not stop
+# the others, the script exits non-zero if any failed):
+#   0. wheels: Python packages this machine lacks are installed from tools/wheels/*.whl (no index, no
+#      network; see tools/wheels/README.md), each only if its distribution is not installed already;
+#      then dustin_kernels itself, editable, without dependencies or build isolation;
+#   1. tests: the GPU tier, `pytest -m gpu` with TRITON_INTERPRET=0 (compiled Triton on CUDA tensors);
+#   2. tune: qwen2.5-72b attention (the 'headline' grid: batch 16, contexts 8K/16K/32K, budget 512,
+#      every kernel and workload) under a time budget, into DIR/perf_db (trial log and Optuna journal
+#      in DIR/autotune);
+#   3. bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
+#   4. perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
+#      against the default rule and the dense baseline (tools/perf_check.py --gpu).
+# Knobs (environment): TUNE_SECONDS (default 120), JOBS (default min(8, CPUs)), PYTHON (default python3).
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: bash tools/gpu_check.sh DIR" >&2
+    exit 2
+fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1"
+DIR="$(cd "$1" && pwd)"
+PYTHON="${PYTHON:-python3}"
+TUNE_SECONDS="${TUNE_SECONDS:-120}"
+JOBS="${JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"
+export PYTHONUNBUFFERED=1 DUSTIN_CACHE_DIR="$DIR/cache"
+unset TRITON_INTERPRET DUSTIN_PERF_DB
+cd "$REPO" || exit 2
+: > "$DIR/summary.txt"
+FAILED=0
+START=$SECONDS
+
+step() {  # step NAME TIMEOUT_S COMMAND... : run with a time limit, log, record the exit code
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*" | tee -a "$DIR/summary.txt"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$DIR/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$DIR/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$DIR/summary.txt"
+    [ $rc -eq 0 ] || FAILED=1
+    return $rc
+}
+
+# --- 0. packages ---------------------------------------------------------------------------------
+{
+    echo "date: $(date -u +%FT%TZ)"; echo "repo: $REPO ($(git rev-parse HEAD 2>/dev/null || echo 'no git'))"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    "$PYTHON" -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.is_available())' 2>&1
+} > "$DIR/env.txt"
+cat "$DIR/env.txt"
+SITE="$DIR/site"
+WHEELS=()
+for whl in tools/wheels/*.whl; do
+    [ -e "$whl" ] || continue
+    dist="$(basename "$whl" | cut -d- -f1)"
+    if ! "$PYTHON" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$dist" 2>/dev/null; then
+        WHEELS+=("$whl")
+    fi
+done
+if [ ${#WHEELS[@]} -gt 0 ]; then
+    step wheels 120 "$PYTHON" -m pip install --no-index --no-deps --no-compile --target "$SITE" "${WHEELS[@]}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PYTHON" -c 'import dustin_kernels.templates' 2>/dev/null; then
+    step install 180 "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation -e "$REPO"
+fi
+"$PYTHON" -c 'import optuna' 2>/dev/null || echo "note: optuna is missing (add its wheels to tools/wheels): \
+the tuner sweeps a random order of the candidates instead of TPE and keeps no journal" | tee -a "$DIR/summary.txt"
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "gpu_check: no CUDA GPU visible to $PYTHON; nothing more to check here" | tee -a "$DIR/summary.txt"
+    exit 2
+fi
+
+# --- 1. the GPU test tier ------------------------------------------------------------------------
+step tests 150 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m gpu -p no:cacheprovider --junitxml "$DIR/tests.xml" tests
+
+# --- 2. tune the headline shapes -----------------------------------------------------------------
+step tune $((TUNE_SECONDS + 150)) "$PYTHON" -m dustin_kernels.autotune --grid headline --shape qwen2.5-72b \
+    --batch 16 --context 8192 16384 32768 --budget 512 --time-budget "$TUNE_SECONDS" --jobs "$JOBS" \
+    --out "$DIR/perf_db" --log-dir "$DIR/autotune"
+
+# --- 3. the benchmark on the same shapes, with the tuned configs ---------------------------------
+if [ -f tools/bench_kernels.py ]; then
+    step bench 150 env DUSTIN_PERF_DB="$DIR/perf_db" "$PYTHON" tools/bench_kernels.py --preset qwen2.5-72b \
+        --batch 16 --context 8192 16384 32768 --budget 512 --out "$DIR/bench"
+else
+    echo "note: tools/bench_kernels.py is missing; bench skipped" | tee -a "$DIR/summary.txt"
+fi
+
+# --- 4. the perf-regression check on what was just tuned -----------------------------------------
+step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jobs "$JOBS" --json "$DIR/perf_check.json"
+
+echo "gpu_check: $([ $FAILED -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - START)) s; results in $DIR" \
+    | tee -a "$DIR/summary.txt"
+exit $FAILED
