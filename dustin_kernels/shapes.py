@@ -9,6 +9,7 @@ class AttentionShape:
     q_heads: int
     kv_heads: int
     head_dim: int
+    layers: int = 1  # decoder layers (a verification step runs sparse attention once per layer)
 
     @property
     def group(self) -> int:
@@ -16,9 +17,9 @@ class AttentionShape:
 
 
 PRESETS = {
-    "qwen2.5-72b": AttentionShape(64, 8, 128),
-    "qwen2.5-7b": AttentionShape(28, 4, 128),
-    "llama-3.1-8b": AttentionShape(32, 8, 128),
-    "qwen2.5-0.5b": AttentionShape(14, 2, 64),  # the draft of the paper's pair
-    "cpu-small": AttentionShape(8, 2, 64),
+    "qwen2.5-72b": AttentionShape(64, 8, 128, 80),
+    "qwen2.5-7b": AttentionShape(28, 4, 128, 28),
+    "llama-3.1-8b": AttentionShape(32, 8, 128, 32),
+    "qwen2.5-0.5b": AttentionShape(14, 2, 64, 24),  # the draft of the paper's pair
+    "cpu-small": AttentionShape(8, 2, 64, 4),
 }

@@ -78,7 +78,8 @@ def _torch_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
     B, Hq, T, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     table = _head_table(heads, Hq // Hkv, q.device).long()
-    kv, slots = table[:, 0], table[:, 1:]  # [U], [U, S]
+    kv_heads = [row[0] for row in _head_layout(heads, Hq // Hkv)]  # host ints, no device sync
+    slots = table[:, 1:]  # [U, S]
     U, S = slots.shape
     R = S * T
     rows_q = q[:, slots.clamp(min=0)].float().mul_(scale).reshape(B, U, R, D)  # rows (slot, t)
@@ -91,16 +92,20 @@ def _torch_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
     def chunks():
         for c0 in range(0, n_keys, chunk):
             c1 = min(c0 + chunk, n_keys)
-            scores = rows_q @ k_cache[:, kv, c0:c1].float().transpose(-1, -2)  # [B, U, R, C]
+            # one matmul per used KV head on a view of the cache: gathering the heads would copy the keys
+            scores = torch.stack([rows_q[:, u] @ k_cache[:, h, c0:c1].float().transpose(-1, -2)
+                                  for u, h in enumerate(kv_heads)], 1)  # [B, U, R, C]
             yield c0, scores, torch.arange(c0, c1, device=q.device) <= pos
 
+    # one matmul pass when all scores fit in a chunk's budget x 4 (the common case on CPU), else recompute
+    kept = list(chunks()) if B * U * R * n_keys <= 4 * _TORCH_CHUNK_ELEMENTS else None
     lse = torch.full((B, U, R), -math.inf, device=q.device)
-    for _, scores, visible in chunks():
+    for _, scores, visible in kept or chunks():
         lse = torch.logaddexp(lse, scores.masked_fill_(~visible, -math.inf).logsumexp(-1))
     lse = torch.where(torch.isfinite(lse), lse, 0.0)[..., None]  # padding rows see no key
     n_out = math.ceil(N / block_size)
     mass = torch.zeros(B, n_out * block_size, device=q.device)
-    for c0, scores, visible in chunks():
+    for c0, scores, visible in kept or chunks():
         prob = torch.where(visible, (scores - lse).exp_(), 0.0)
         mass[:, c0:c0 + prob.shape[-1]] = prob.sum((1, 2))
     return mass.view(B, n_out, block_size).sum(-1)
