@@ -105,6 +105,13 @@ def calibrate(draft, target, *, length=4096, samples=8, budget=512, gamma=4, hea
     """The profile (RetrievalProfile JSON plus what was measured) for a model pair."""
     import optuna
 
+    from .policies import _check_budget
+
+    for name, value in (("samples", samples), ("gamma", gamma), ("heads", heads), ("draft_layers", draft_layers),
+                        ("trials", trials)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value!r}")
+    _check_budget(budget, sink, recent)
     if length < 2 * budget or length < 8 * (NEEDLE + CUE):
         raise ValueError(f"--length: expected at least 2 x budget = {2 * budget} and {8 * (NEEDLE + CUE)} tokens, "
                          f"got {length}")
@@ -123,7 +130,7 @@ def calibrate(draft, target, *, length=4096, samples=8, budget=512, gamma=4, hea
     by_layer = {layer: recovery((), layer, m=0, **quotas) for layer in range(target.config.num_layers)}
     target_layer = max(by_layer, key=by_layer.get)
     chosen, best = [], by_layer[target_layer]
-    while len(chosen) < draft_layers:
+    while len(chosen) < min(draft_layers, draft.config.num_layers):
         trial = {layer: recovery(chosen + [layer], target_layer, m=m0, **quotas)
                  for layer in range(draft.config.num_layers) if layer not in chosen}
         layer = max(trial, key=trial.get)

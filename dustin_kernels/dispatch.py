@@ -92,7 +92,7 @@ class _State:
         self.hits: dict = {}  # (db, spec, device slug, batch bucket) -> Hit | None
         self.cuda_names: dict = {}  # device index -> slug
         self.warned: set = set()
-        self.misses: Counter = Counter()
+        self.misses: Counter = Counter()  # (spec, batch bucket, device slug) -> calls (formatted by misses())
 
 
 _state = _State()
@@ -119,7 +119,7 @@ def reset() -> None:
 
 def misses() -> dict:
     """Calls that fell back to the default rule, by '<uri>|b<batch bucket>|<device>'."""
-    return dict(_state.misses)
+    return {f"{spec.uri()}|b{bucket}|{slug}": n for (spec, bucket, slug), n in _state.misses.items()}
 
 
 @contextlib.contextmanager
@@ -192,7 +192,7 @@ def config_for(spec, batch: int, context: int, default: Callable[..., dict], dev
         hit = _state.hits[key] = _resolve(spec, slug, bucket, default, batch, context)
     if hit is not None:
         return dict(hit.config(context))
-    _state.misses[f"{spec.uri()}|b{bucket}|{slug}"] += 1
+    _state.misses[spec, bucket, slug] += 1  # no string formatting per call: misses() names them
     return default(spec, batch=batch, context=context)
 
 

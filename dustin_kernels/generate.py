@@ -56,7 +56,8 @@ def build_policy(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=prin
             say(f"no --profile: default retrieval heads (all q heads of draft layers {sorted(profile.draft_heads)} "
                 f"and of target layer {profile.target_layer}); run `python -m dustin_kernels.calibrate` for "
                 "calibrated ones")
-    return make_policy(args.policy, profile, budget=args.budget or 512, m=args.m, sink=args.sink, recent=args.recent)
+    budget = 512 if args.budget is None else args.budget
+    return make_policy(args.policy, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
 
 
 def format_stats(stats) -> list[str]:
@@ -187,8 +188,11 @@ def demo(args) -> dict:
     draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed)
     draft, target = draft.to(device), target.to(device)
     ids = demo_prompts(tokenizer, seed=args.seed)
-    budget, new = args.budget or 64, args.max_new_tokens or 64
+    budget = 64 if args.budget is None else args.budget
+    new = args.max_new_tokens or 64
     profile = RetrievalProfile.default(draft.config, target.config)
+    policies = {name: make_policy(name, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
+                for name in POLICIES}  # bad --budget / --m / --sink / --recent fail here, before any decoding
     say(textwrap.fill(
         f"dustin_kernels demo: the models have RANDOM weights (made on the fly, no download), so their text is "
         f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
@@ -201,8 +205,8 @@ def demo(args) -> dict:
         if name == "plain":
             result = generate(None, target, ids, max_new_tokens=new, gamma=0, eos_ids=())
         else:
-            policy = make_policy(name, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
-            result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policy, eos_ids=())
+            result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policies[name],
+                              eos_ids=())
         reference = reference or result.tokens
         same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))
         rows.append({**result.stats.to_json(), "policy": name, "same_as_plain": same / sum(map(len, reference)),

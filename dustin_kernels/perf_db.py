@@ -133,8 +133,8 @@ def read(path: Path) -> dict:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PerfDBError(f"{path}: unreadable perf DB file ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, huge ints
+        raise PerfDBError(f"{path}: unreadable perf DB file ({type(exc).__name__}: {str(exc)[:200]})") from None
     errors = validate(doc)
     if errors:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""

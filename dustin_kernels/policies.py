@@ -71,11 +71,19 @@ class RetrievalProfile:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such profile file")
-        data = json.loads(path.read_text())
-        if data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{path}: not a {PROFILE_FORMAT} profile (format {data.get('format')!r})")
-        profile = cls({int(k): tuple(v) for k, v in data["draft_heads"].items()}, int(data["target_layer"]),
-                      tuple(data["target_heads"]), data.get("m"), str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON profile ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path}: not a {PROFILE_FORMAT} profile (format {found!r})")
+        try:
+            profile = cls({int(k): tuple(map(int, v)) for k, v in data["draft_heads"].items()},
+                          int(data["target_layer"]), tuple(map(int, data["target_heads"])), data.get("m"), str(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: malformed {PROFILE_FORMAT} profile ({type(exc).__name__}: {exc}); expected "
+                             "draft_heads {layer: [q heads]}, target_layer, target_heads [q heads]") from None
         for who, cfg, heads in [("draft", draft, profile.draft_heads),
                                 ("target", target, {profile.target_layer: profile.target_heads})]:
             for layer, hs in heads.items():

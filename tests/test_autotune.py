@@ -264,6 +264,9 @@ def test_throttle_reasons_and_repeated_blocks(monkeypatch):
     timer.monitor = Flaky(10)
     timings = timer.interleaved({"a": lambda: None, "b": lambda: None}, rounds=2)
     assert all(t.throttle == ["sw_thermal"] for t in timings.values())
+    timer.monitor = Flaky(3)  # the first round stays throttled (3 attempts), the second is clean
+    timings = timer.interleaved({"a": lambda: None, "b": lambda: None}, rounds=2)
+    assert all(t.throttle == ["sw_thermal"] for t in timings.values())  # still tainted: nothing is written
 
 
 # --- the CLI ------------------------------------------------------------------------------------------
@@ -335,6 +338,19 @@ def test_perf_check_fails_on_invalid_files_and_missing_coverage(tmp_path):
     assert done.returncode == 1
     assert "nvidia_h100_pcie.json: unreadable" in done.stdout
     assert "required grids are not tuned" in done.stdout and "_dense|b16|c8192" in done.stdout
+
+
+def test_perf_check_reports_an_entry_key_that_names_no_spec(tmp_path):
+    from test_perf_db import make_doc, make_entry
+
+    db = tmp_path / "db"
+    good = KernelSpec("select_tokens", "interp", block_size=1).uri()
+    perf_db.write(perf_db.path_for(db, "select_tokens", "interp", "cpu"), make_doc(
+        entries={f"{good}|b2|c128": make_entry(), "select_tokens_bogus_fp32_bs1|b2|c128": make_entry()},
+        kernel="select_tokens", arch="interp", device="cpu"))
+    done = _perf_check(tmp_path, "--db", str(db), "--no-aot")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert "select_tokens_bogus_fp32_bs1|b2|c128 does not name a kernel spec" in done.stdout
 
 
 def test_perf_check_compiles_stored_configs(tmp_path):

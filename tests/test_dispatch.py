@@ -135,6 +135,19 @@ def test_files_are_read_once(db, monkeypatch):
     assert len(reads) == 1
 
 
+def test_repeated_misses_do_no_per_call_string_work(db, monkeypatch):
+    """A miss is resolved once; later calls of the same bucket only count (no uri formatting per call)."""
+    with pytest.warns(dispatch.PerfDBWarning):
+        lookup(16)
+    uris = []
+    real_uri = KernelSpec.uri
+    monkeypatch.setattr(KernelSpec, "uri", lambda self: uris.append(1) or real_uri(self))
+    for _ in range(50):
+        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+    assert uris == []
+    assert dispatch.misses() == {f"{URI}|b16|nvidia_h200": 51}
+
+
 def test_returned_configs_are_copies(db):
     put(db, "nvidia_h200", {"b16|c512": make_entry()})
     lookup(16)["num_splits"] = 99

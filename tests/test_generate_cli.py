@@ -101,6 +101,32 @@ def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
         str(profile["target_layer"]): profile["target_heads"]}
 
 
+def test_calibrate_stops_when_every_draft_layer_is_chosen(pair, capsys, tmp_path):
+    """--draft-layers above the draft's depth (2 here) takes at most every layer, instead of crashing."""
+    out_file = tmp_path / "profile.json"
+    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
+                           "--length", "192", "--samples", "2", "--budget", "64", "--heads", "2", "--trials", "2",
+                           "--draft-layers", "5", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert 1 <= len(json.loads(out_file.read_text())["draft_heads"]) <= 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--samples", "0"], "--samples: expected an int >= 1, got 0"),
+    (["--gamma", "0"], "--gamma: expected an int >= 1, got 0"),
+    (["--heads", "0"], "--heads: expected an int >= 1, got 0"),
+    (["--draft-layers", "0"], "--draft-layers: expected an int >= 1, got 0"),
+    (["--trials", "0"], "--trials: expected an int >= 1, got 0"),
+    (["--budget", "10"], "budget: expected at least sink + recent = 20"),
+])
+def test_calibrate_bad_arguments(pair, capsys, tmp_path, argv, message):
+    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
+                           str(tmp_path / "p.json"), "--length", "192", "--budget", "24", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("error: "), err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_demo_json(capsys):
     code, out, err = run_cli(capsys, "--demo", "--json", "--max-new-tokens", 24)
     assert code == 0, err
@@ -112,6 +138,15 @@ def test_demo_json(capsys):
     assert rows["dense"]["same_as_plain"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
     assert rows["dustin"]["kv_fraction"] < 0.5
     assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"]
+
+
+def test_demo_rejects_a_bad_budget_before_decoding(capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(1))
+    for budget in ("0", "3"):
+        code, out, err = run_cli(capsys, "--demo", "--budget", budget)
+        assert code == 2 and "budget: expected at least sink + recent = 20" in err, err
+    assert calls == []  # failed before the plain run, not after it
 
 
 def test_bad_folder_exits_non_zero_from_the_shell(tmp_path):
@@ -141,6 +176,8 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
         (base + ["--prompt", " ".join(["w9"] * 300)], "300 tokens + --max-new-tokens 128 + --gamma 4 do not fit "
                                                         "the cache of 256"),
         (base + ["--budget", 10], "budget: expected at least sink + recent = 20"),
+        (base + ["--budget", 0], "budget: expected at least sink + recent = 20"),  # not the default 512
+        (base + ["--profile", tmp_path], "no such profile file"),
         (base + ["--profile", tmp_path / "none.json"], "no such profile file"),
         (base + ["--prompt-file", tmp_path / "none.txt"], "none.txt"),
     ]

@@ -157,12 +157,16 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["db.json"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "not-json", "wrong-type"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not-json", "wrong-type", "bad-utf8", "deep", "huge-int"])
 def test_unreadable_files_raise_naming_the_file(tmp_path, damage):
     path = tmp_path / "nvidia_h200.json"
     text = perf_db.dumps(make_doc())
-    path.write_text({"truncated": text[: len(text) // 2], "empty": "", "not-json": "\x00\x01garbage",
-                     "wrong-type": "[1, 2, 3]"}[damage])
+    if damage == "bad-utf8":
+        path.write_bytes(b"\xff\xfe" + text.encode())
+    else:
+        path.write_text({"truncated": text[: len(text) // 2], "empty": "", "not-json": "\x00\x01garbage",
+                         "wrong-type": "[1, 2, 3]", "deep": '{"a": ' * 100000 + "1" + "}" * 100000,
+                         "huge-int": text.replace('"schema_version": 1', '"schema_version": 1' + "0" * 5000)}[damage])
     with pytest.raises(perf_db.PerfDBError, match="nvidia_h200.json"):
         perf_db.read(path)
 

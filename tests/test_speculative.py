@@ -283,6 +283,16 @@ def test_profile_roundtrip_and_checks(tmp_path, target, draft):
         RetrievalProfile.load(path, draft.config, target.config)
     with pytest.raises(FileNotFoundError, match="no such profile"):
         RetrievalProfile.load(tmp_path / "none.json", draft.config, target.config)
+    for text in ('{"format": "dustin-profile/1"}', '{"format": "dustin-profile/1", "draft_heads": [0], '
+                 '"target_layer": 0, "target_heads": [0]}', '{"format": "dustin-profile/1", "draft_heads": '
+                 '{"0": [0]}, "target_layer": "x", "target_heads": [0]}'):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="malformed dustin-profile/1 profile"):
+            RetrievalProfile.load(path, draft.config, target.config)
+    for text, match in (("[1, 2]", "not a dustin-profile/1 profile"), ("{", "not a JSON profile")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            RetrievalProfile.load(path, draft.config, target.config)
 
 
 def test_default_profile_is_documented_layers():

@@ -15,7 +15,9 @@
 #   3. bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
 #   4. perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
 #      against the default rule and the dense baseline (tools/perf_check.py --gpu).
-# Knobs (environment): TUNE_SECONDS (default 120), JOBS (default min(8, CPUs)), PYTHON (default python3).
+# Knobs (environment): TUNE_SECONDS (default 120), JOBS (default min(8, CPUs)), PYTHON (default python3),
+# TOTAL_SECONDS (default 470: every step's limit is cut to what is left of it, so the whole run stays
+# under 8 minutes; a step cut short fails and says so).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -27,6 +29,7 @@ mkdir -p "$1"
 DIR="$(cd "$1" && pwd)"
 PYTHON="${PYTHON:-python3}"
 TUNE_SECONDS="${TUNE_SECONDS:-120}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-470}"
 JOBS="${JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"
 export PYTHONUNBUFFERED=1 DUSTIN_CACHE_DIR="$DIR/cache"
 unset TRITON_INTERPRET DUSTIN_PERF_DB
@@ -36,8 +39,14 @@ FAILED=0
 START=$SECONDS
 
 step() {  # step NAME TIMEOUT_S COMMAND... : run with a time limit, log, record the exit code
-    local name=$1 limit=$2
+    local name=$1 limit=$2 left=$((TOTAL_SECONDS - (SECONDS - START)))
     shift 2
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -le 0 ]; then
+        echo "== $name: skipped, the ${TOTAL_SECONDS} s of the run are spent" | tee -a "$DIR/summary.txt"
+        FAILED=1
+        return 1
+    fi
     echo "== $name (limit ${limit}s): $*" | tee -a "$DIR/summary.txt"
     local t0=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$DIR/$name.log" 2>&1
@@ -84,17 +93,13 @@ fi
 step tests 150 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m gpu -p no:cacheprovider --junitxml "$DIR/tests.xml" tests
 
 # --- 2. tune the headline shapes -----------------------------------------------------------------
-step tune $((TUNE_SECONDS + 150)) "$PYTHON" -m dustin_kernels.autotune --grid headline --shape qwen2.5-72b \
+step tune $((TUNE_SECONDS + 60)) "$PYTHON" -m dustin_kernels.autotune --grid headline --shape qwen2.5-72b \
     --batch 16 --context 8192 16384 32768 --budget 512 --time-budget "$TUNE_SECONDS" --jobs "$JOBS" \
     --out "$DIR/perf_db" --log-dir "$DIR/autotune"
 
 # --- 3. the benchmark on the same shapes, with the tuned configs ---------------------------------
-if [ -f tools/bench_kernels.py ]; then
-    step bench 150 env DUSTIN_PERF_DB="$DIR/perf_db" "$PYTHON" tools/bench_kernels.py --preset qwen2.5-72b \
-        --batch 16 --context 8192 16384 32768 --budget 512 --out "$DIR/bench"
-else
-    echo "note: tools/bench_kernels.py is missing; bench skipped" | tee -a "$DIR/summary.txt"
-fi
+step bench 150 env DUSTIN_PERF_DB="$DIR/perf_db" "$PYTHON" tools/bench_kernels.py --preset qwen2.5-72b \
+    --batch 16 --context 8192 16384 32768 --budget 512 --out "$DIR/bench"
 
 # --- 4. the perf-regression check on what was just tuned -----------------------------------------
 step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jobs "$JOBS" --json "$DIR/perf_check.json"

@@ -55,11 +55,18 @@ def check_files(db: Path) -> tuple[dict, list[str]]:
             problems.append(f"{path}: holds {doc['kernel']}/{doc['arch']}/{doc['device']}, its path says "
                             f"{kernel}/{arch}/{device}")
             continue
+        bad = []
         for key in doc["entries"]:
-            spec = KernelSpec.from_uri(perf_db.parse_key(key)[0])
+            try:
+                spec = KernelSpec.from_uri(perf_db.parse_key(key)[0])
+            except ValueError as exc:
+                bad.append(f"{path}: entry {key} does not name a kernel spec ({exc})")
+                continue
             if (spec.kernel, spec.arch) != (kernel, arch):
-                problems.append(f"{path}: entry {key} is not a {kernel} {arch} spec")
-        docs[path] = doc
+                bad.append(f"{path}: entry {key} is not a {kernel} {arch} spec")
+        problems += bad
+        if not bad:  # the later checks parse every entry's spec
+            docs[path] = doc
     return docs, problems
 
 

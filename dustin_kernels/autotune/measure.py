@@ -185,7 +185,8 @@ class Timer:
 
     def interleaved(self, fns: dict, rounds: int = 5) -> dict:
         """{name: Timing} of every callable, re-measured in `rounds` interleaved rounds (order rotated
-        each round); a throttled round is repeated up to `retries` times."""
+        each round); a throttled round is repeated up to `retries` times. The timings carry the reasons of
+        every round that stayed throttled (any such round taints the figures)."""
         names = list(fns)
         times = {name: [] for name in names}
         throttle: list = []
@@ -194,10 +195,11 @@ class Timer:
             for attempt in range(self.retries + 1):
                 before = self.monitor.snapshot()
                 block = {name: self._block(fns[name], self.rep_ms / 2) for name in order}
-                throttle = self.monitor.throttled(before, self.monitor.snapshot())
-                if not throttle:
+                reasons = self.monitor.throttled(before, self.monitor.snapshot())
+                if not reasons:
                     break
                 time.sleep(1.0 + attempt)
+            throttle += [reason for reason in reasons if reason not in throttle]
             for name in names:
                 times[name] += block[name]
         return {name: Timing(*_stats(times[name]), len(times[name]), throttle) for name in names}
