@@ -1,6 +1,8 @@
 """Input validation shared by the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -17,7 +19,7 @@ def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES, shape_doc: str = 
 
 
 def check_same_device(**tensors) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}  # others: their own checks
     first = next(iter(devices.values()))
     for name, dev in devices.items():
         if dev != first:
@@ -63,8 +65,8 @@ def check_seq_lens(seq_lens, batch: int, window: int, n_max: int, device: torch.
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None (1/sqrt(D)), got {scale!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < math.inf:
+        raise ValueError(f"scale: expected a positive finite float or None (1/sqrt(D)), got {scale!r}")
     return float(scale)
 
 
@@ -82,4 +84,6 @@ def check_qk(q, k_cache) -> tuple[int, int, int, int, int]:
         raise TypeError(f"k_cache: expected dtype {q.dtype} like q, got {k_cache.dtype}")
     if T < 1:
         raise ValueError(f"q: expected at least one query row (T >= 1), got shape {tuple(q.shape)}")
+    if D < 1:
+        raise ValueError(f"q: expected a head dim D >= 1, got shape {tuple(q.shape)}")
     return B, Hq, Hkv, T, D

@@ -185,6 +185,7 @@ BAD_INPUTS = {
     "q-int": ({"q": torch.ones(2, 4, 3, 16, dtype=torch.int32)}, {}, TypeError, "^q:"),
     "q-not-tensor": ({"q": [[1.0]]}, {}, TypeError, "^q:"),
     "q-no-heads": ({"q": torch.randn(2, 0, 3, 16)}, {}, ValueError, "^q:"),
+    "q-head-dim-0": ({"q": torch.randn(2, 4, 3, 0), "k_cache": torch.randn(2, 2, 20, 0)}, {}, ValueError, "^q:"),
     "heads-not-multiple": ({"q": torch.randn(2, 3, 3, 16)}, {}, ValueError, "^q:.*multiple"),
     "k-batch": ({"k_cache": torch.randn(1, 2, 20, 16)}, {}, ValueError, "^k_cache:"),
     "k-head-dim": ({"k_cache": torch.randn(2, 2, 20, 8)}, {}, ValueError, "^k_cache:"),
@@ -208,6 +209,7 @@ BAD_INPUTS = {
     "heads-int": ({}, {"heads": 2}, TypeError, "^heads:"),
     "heads-tensor": ({}, {"heads": torch.tensor([0, 1])}, TypeError, "^heads:"),
     "scale-negative": ({}, {"scale": -1.0}, ValueError, "^scale:"),
+    "scale-inf": ({}, {"scale": float("inf")}, ValueError, "^scale:"),
     "backend-unknown": ({}, {"backend": "cuda"}, ValueError, "^backend:"),
 }
 

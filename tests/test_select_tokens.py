@@ -132,6 +132,13 @@ def test_noncontiguous_scores_of_different_widths(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_seq_lens(backend):
+    """seq_lens as a strided view: the kernels must read seq_lens[b], not the b-th element of its storage."""
+    seq_lens = torch.tensor([300, 7, 120, 9], dtype=torch.int32)[::2]
+    _check(_scores(2, 300), _scores(2, 300), seq_lens, backend, budget=40, m=10, window=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_signed_zero_ties(backend):
     """-0.0 and +0.0 compare equal: the lower block wins, as in the reference."""
     s = torch.zeros(1, 200)

@@ -232,6 +232,20 @@ def test_lse_matches_float64(backend, dtype, bs):
     assert_close(out, ref.sparse_verify(q, k, v, seq_lens, idx, count, block_size=bs, scale=0.2), DTYPES[dtype])
 
 
+@pytest.mark.parametrize("D", [8, 40], ids=lambda d: f"D{d}")
+def test_head_dims_below_and_off_16(D, monkeypatch):
+    """D 8 (below tl.dot's K >= 16 on NVIDIA GPUs) and D 40 (not a multiple of 16), with the GPU's dot
+    shape rule imposed on the interpreter."""
+    from triton.runtime import interpreter
+    monkeypatch.setitem(interpreter.interpreter_builder.codegen_fns, "min_dot_size", lambda lhs, rhs: (1, 1, 16))
+    q, k, v, seq_lens = make_inputs([45, 22], group=2, window=3, head_dim=D)
+    idx, count = select(seq_lens, 3, 1, width=30)
+    out = sparse_verify(q, k, v, seq_lens, idx, count, backend="triton")
+    assert_close(out, ref.sparse_verify(q, k, v, seq_lens, idx, count), torch.float32)
+    assert_close(dense_verify(q, k, v, seq_lens, backend="triton"), ref.dense_attention(q, k, v, seq_lens),
+                 torch.float32)
+
+
 def test_torch_backend_chunks_long_histories(monkeypatch):
     monkeypatch.setattr(verify, "_TORCH_CHUNK_ELEMS", 1)  # the smallest chunk (128 keys): several chunks
     q, k, v, seq_lens = make_inputs([400, 131], group=2, window=5, head_dim=64)
@@ -266,6 +280,8 @@ def _good(lens=(40, 30), width=6):
     ("idx-dtype", "idx", lambda a: a["idx"].long(), TypeError),
     ("count-batch", "count", lambda a: a["count"][:1], ValueError),
     ("count-dtype", "count", lambda a: a["count"].float(), TypeError),
+    ("idx-list", "idx", lambda a: a["idx"].tolist(), TypeError),
+    ("count-list", "count", lambda a: a["count"].tolist(), TypeError),
     ("count-over-width", "count", lambda a: torch.tensor([7, 1], dtype=torch.int32), ValueError),  # width 6
     ("count-negative", "count", lambda a: torch.tensor([-1, 1], dtype=torch.int32), ValueError),
     ("v_cache-dtype", "v_cache", lambda a: a["v_cache"].half(), TypeError),
@@ -302,7 +318,8 @@ def test_block_index_past_the_history_counts_blocks():
 
 
 @pytest.mark.parametrize("kwargs, name", [pytest.param(kw, name, id=name) for kw, name in [
-    ({"block_size": 12}, "block_size"), ({"scale": -1.0}, "scale"), ({"return_lse": 1}, "return_lse"),
+    ({"block_size": 12}, "block_size"), ({"scale": -1.0}, "scale"), ({"scale": float("inf")}, "scale"),
+    ({"return_lse": 1}, "return_lse"),
     ({"backend": "cuda"}, "backend")]])
 def test_bad_options(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):

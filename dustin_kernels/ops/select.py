@@ -98,6 +98,7 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
+    seq_lens = seq_lens.contiguous()  # the kernels read seq_lens[b] at offset b
     spec = KernelSpec(kernel="select_tokens", arch=dispatch.arch_for(device), block_size=block_size)
     mod = codegen.load(spec)
     config = config or dispatch.config_for(spec, B, W, default_config, device=device)

@@ -292,8 +292,8 @@ def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, 
         raise ValueError(f"q: number of heads Hq={Hq} must be a multiple of the KV heads Hkv={Hkv} of k_pages")
     if k_pages.dtype != q.dtype:
         raise TypeError(f"k_pages: expected dtype {q.dtype} like q, got {k_pages.dtype}")
-    if T < 1:
-        raise ValueError(f"q: expected at least one query row (T >= 1), got shape {tuple(q.shape)}")
+    if T < 1 or D < 1:
+        raise ValueError(f"q: expected at least one query row and a head dim >= 1, got shape {tuple(q.shape)}")
     _check_kv(q, k_pages, v_pages, "k_pages", "v_pages", "[num_pages, Hkv, page_size, D]")
     _checks.check_tensor("block_table", block_table, 2, (torch.int32,), "int32[B, max_pages]")
     if block_table.shape[0] != B:
