@@ -382,6 +382,8 @@ def test_gpu_tuning_writes_an_entry_that_perf_check_confirms(tmp_path):
     (path,) = perf_db.files(out)
     (entry,) = perf_db.read(path)["entries"].values()
     assert entry["interpret"] is False and entry["gbs"] > 0 and 0 < entry["bw_fraction"] < 1.5
-    check = subprocess.run([sys.executable, str(ROOT / "tools" / "perf_check.py"), "--db", str(out), "--gpu"],
+    # one bucket of qwen2.5-7b, not the required headline grid: coverage is not this test's question
+    check = subprocess.run([sys.executable, str(ROOT / "tools" / "perf_check.py"), "--db", str(out), "--gpu",
+                            "--no-coverage"],
                            env=env, capture_output=True, text=True, timeout=900)
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]

@@ -10,8 +10,9 @@ p20/p50/p80 time, achieved GB/s and its fraction of the copy bandwidth measured 
     python tools/bench_kernels.py                          # CUDA: qwen2.5-72b; CPU: cpu-small
     python tools/bench_kernels.py --preset qwen2.5-72b --batch 16 --context 32K --budget 512
 
-Protocol. CUDA: `triton.testing.do_bench` quantiles (25 ms warm-up, 100 ms of timed calls; it zeroes
-a 256 MB buffer before every timed call, which flushes L2). CPU: one warm-up call, then --repeats
+Protocol. CUDA: each op is captured in a CUDA graph (as engines run decode; plain launches where
+capture fails, said per row) and its replay timed with `triton.testing.do_bench` quantiles (25 ms
+warm-up, 100 ms of timed calls; it zeroes a 256 MB buffer before every timed call, flushing L2). CPU: one warm-up call, then --repeats
 timed calls, each after zeroing a 64 MiB buffer (more than this machine's 32 MiB L3), wall-clock quantiles.
 Each op is timed through its backend path (`ops.<family>._<backend>_<op>`, what the public function
 dispatches to) after one validated public call: the public functions read idx / seq_lens on the host
@@ -41,7 +42,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 import dustin_kernels  # noqa: E402
 from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
+from dustin_kernels.autotune.measure import git_commit  # noqa: E402
 from dustin_kernels.shapes import PRESETS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,23 +78,44 @@ FLOORS = {  # what each row's `bytes` counts: reads and writes once, no split-KV
 FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batch", "context", "budget",
           "bytes", "p20_ms", "p50_ms", "p80_ms", "gbps", "copy_frac", "ideal_ratio", "floor_ratio",
           *(f"speedup_vs_{name}" for name in ("dense", *BASELINES)), "selection_ms", "selection_share",
-          "max_abs_diff", "device", "version", "torch", "triton", "commit")
+          "max_abs_diff", "cuda_graph", "device", "version", "torch", "triton", "commit")
 
 
 # --- timing ---------------------------------------------------------------------------------------
 
+def cuda_graph(fn):
+    """fn() captured in a CUDA graph (as engines run decode steps), or None where capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up on a side stream: compiles and fills caches before capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+    except Exception:  # e.g. a baseline library that synchronises inside its call
+        torch.cuda.synchronize()
+        return None
+
+
 class Timer:
-    """p20/p50/p80 milliseconds of fn(): do_bench on CUDA, flushed wall-clock medians on CPU."""
+    """p20/p50/p80 milliseconds of fn(): do_bench of a CUDA-graph replay on CUDA (so Python launch
+    overhead is out of kernel timings; plain launches where capture fails), flushed wall-clock
+    medians on CPU. `graphed` says how the last call was timed."""
 
     def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
+        self.device, self.repeats, self.graphed = device, repeats, False
         self.flush = None if device.type == "cuda" else torch.empty(CPU_FLUSH_BYTES, dtype=torch.uint8)
 
     def __call__(self, fn) -> list[float]:
         if self.device.type == "cuda":
             import triton.testing
 
-            return list(triton.testing.do_bench(fn, quantiles=list(QUANTILES)))
+            graph = cuda_graph(fn)
+            self.graphed = graph is not None
+            return list(triton.testing.do_bench(graph.replay if graph else fn, quantiles=list(QUANTILES)))
         fn()  # warm-up (and first-call caches)
         times = []
         for _ in range(self.repeats):
@@ -209,17 +231,9 @@ def scores_floor(shape, heads, rows: int, keys: int, batch: int, out_cols: int, 
 # --- provenance -----------------------------------------------------------------------------------
 
 def provenance(device: torch.device, argv: list[str]) -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
     import triton
+
+    commit = git_commit(ROOT) or "unknown"
 
     meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "triton": triton.__version__, "version": dustin_kernels.__version__, "commit": commit,
@@ -269,7 +283,8 @@ class Bench:
             draft_shape=vars(self.draft), dtype=args.dtype, window=self.T, block_size=self.bs, backend=self.backend,
             retrieval_heads={"target": list(self.target_heads), "draft": list(self.draft_heads)},
             draft_layers=DRAFT_LAYERS, quantiles=list(QUANTILES), floors=FLOORS,
-            timing="triton.testing.do_bench, L2 flushed" if self.device.type == "cuda" else
+            timing="triton.testing.do_bench of CUDA-graph replays (cuda_graph column), L2 flushed"
+            if self.device.type == "cuda" else
             f"wall clock, {args.repeats} calls, {CPU_FLUSH_BYTES >> 20} MiB flush before each",
             copy_gbps=copy_gbps(self.device, self.timer))
         self.skipped = {}  # baseline -> why it has no rows
@@ -290,7 +305,8 @@ class Bench:
         gbps = nbytes / (p50 * 1e-3) / 1e9
         row = dict.fromkeys(FIELDS) | self.common | dict(
             kernel=kernel, provider=provider, batch=batch, context=context, budget=budget, bytes=nbytes,
-            p20_ms=p20, p50_ms=p50, p80_ms=p80, gbps=gbps, copy_frac=gbps / self.meta["copy_gbps"]) | extra
+            p20_ms=p20, p50_ms=p50, p80_ms=p80, gbps=gbps, copy_frac=gbps / self.meta["copy_gbps"],
+            cuda_graph=self.timer.graphed) | extra
         self.rows.append(row)
         return row
 

@@ -373,18 +373,24 @@ def environment(device: torch.device, monitor: Monitor) -> dict:
         gpu = {"gpu_name": "cpu (Triton interpreter)", "compute_capability": None, "sm_count": None}
     return {**gpu, **monitor.info(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "git_commit": _git_commit(Path(package_file).resolve().parents[1])}
+            "git_commit": git_commit(Path(package_file).resolve().parents[1])}
 
 
-def _git_commit(folder: Path) -> str | None:
-    """HEAD of the checkout the package runs from ('+dirty' with local changes); None outside git."""
+def git_commit(folder: Path) -> str | None:
+    """HEAD of the checkout at `folder` ('+dirty' with local changes); `$DUSTIN_GIT_COMMIT` where the
+    copy carries no history (a device machine's working tree); None outside git."""
+    import os
     import subprocess
 
+    if os.environ.get("DUSTIN_GIT_COMMIT"):
+        return os.environ["DUSTIN_GIT_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return (head + ("+dirty" if dirty else "")) if head else None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
