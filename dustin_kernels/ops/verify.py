@@ -19,6 +19,7 @@ from ..shapes import PRESETS
 from ..spec import DTYPE_NAMES, KernelSpec, next_pow2
 
 _SMS = {"sm80": 108, "sm90": 132, "interp": 1}  # the interpreter runs programs one after another
+_WAVES = {"sm90": 1}  # programs per SM that split-KV aims for (default 2)
 _TORCH_CHUNK_ELEMS = 1 << 24  # fp32 elements of one gathered K chunk in the torch backend
 
 
@@ -37,9 +38,12 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
     - except BLOCK_N 16 and 8 warps for fp32 (its ieee dots run on FMA units and hold whole operands
       in registers) and on sm80 when BLOCK_M < BLOCK_D and the accumulator exceeds 4096 elements (the
       mma layout then spreads the warps along the head dim and each warp holds all query rows);
-    - num_stages: 2;
-    - num_splits: ceil(2 * SMs / (batch * kv_heads)) so that about two waves of programs fill the GPU
-      (SMs: 132 for sm90, 108 for sm80, 1 for the interpreter), clamped to [1, ceil(context / BLOCK_N)].
+    - num_stages: 2 (3 measured 4% faster on an H200 but spills in the paged variant and on sm80);
+    - num_splits: ceil(waves * SMs / (batch * kv_heads)) (SMs: 132 for sm90, 108 for sm80, 1 for the
+      interpreter), clamped to [1, ceil(context / BLOCK_N)]; one wave on sm90, measured on an H200 at
+      the Qwen2.5-72B shape, batch 16, budget 512 (tools/results/h200-sweep): 2 splits 29.6 us, 3 splits
+      (two waves) 43.7 us, 4 / 8 / 16 splits 44-80 us: the merge pass costs more than the extra programs
+      gain. Two waves on sm80 (not measured; one split spills 8 B at the 72B shape with block 16 there).
     """
     block_m, block_d = _block_m(spec), next_pow2(spec.head_dim)
     narrow = spec.dtype == "fp32" or (spec.arch == "sm80" and block_m < block_d and block_m * block_d > 4096)
@@ -50,7 +54,7 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
         "BLOCK_N": block_n,
         "num_warps": 8 if narrow or block_m * block_d > 8192 else 4,
         "num_stages": 2,
-        "num_splits": max(1, min(math.ceil(2 * _SMS[spec.arch] / programs), tiles)),
+        "num_splits": max(1, min(math.ceil(_WAVES.get(spec.arch, 2) * _SMS[spec.arch] / programs), tiles)),
     }
 
 
