@@ -4,9 +4,11 @@
 
 See DESIGN.md section 3 for the contract of each op.
 """
+from ._checks import trusted_inputs
 from .ops.scores import attention_scores
 from .ops.select import select_tokens
 from .ops.verify import dense_verify, sparse_verify, sparse_verify_paged
 
-__all__ = ["attention_scores", "select_tokens", "sparse_verify", "sparse_verify_paged", "dense_verify"]
+__all__ = ["attention_scores", "select_tokens", "sparse_verify", "sparse_verify_paged", "dense_verify",
+           "trusted_inputs"]
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
 """Input validation shared by the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -42,9 +44,26 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name}: expected an int {bound}, got {value}")
 
 
+_value_checks = contextvars.ContextVar("dustin_kernels_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Within this block the ops skip the checks that read tensor values on the host (lengths within the
+    cache, block indices within the history): for callers that built or checked those tensors once, such
+    as a decode loop calling `sparse_verify` on every layer; on CUDA each such check is a host sync.
+    Shapes, dtypes and devices are still checked. Usable as a decorator."""
+    token = _value_checks.set(False)
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
 def values_checkable(t: torch.Tensor) -> bool:
-    """Value checks read the tensor on the host; skipped while a CUDA graph is being captured."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Value checks read the tensor on the host; skipped inside `trusted_inputs()` and while a CUDA graph
+    is being captured."""
+    return _value_checks.get() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_seq_lens(seq_lens, batch: int, window: int, n_max: int, device: torch.device) -> None:

@@ -27,7 +27,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import dense_verify, sparse_verify
+from . import dense_verify, sparse_verify, trusted_inputs
 from .models import KVCache, Transformer
 from .policies import Dense, VerifyContext
 
@@ -144,6 +144,7 @@ def _history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
+@trusted_inputs()  # lengths and selections are built by this driver: no per-layer host syncs to check them
 def speculative_step(draft: Transformer | None, target: Transformer, draft_cache: KVCache | None,
                      target_cache: KVCache, state: State, policy=Dense(), sampler: Sampler = Sampler(),
                      gamma: int = 4) -> Step:

@@ -107,3 +107,4 @@ def test_templates_ship_in_the_wheel(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "sparse_verify_sm90_bf16_d128_g8_t5_bs1" in out.stdout
+
