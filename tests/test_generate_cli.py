@@ -14,14 +14,6 @@ pytest.importorskip("transformers")
 from test_models import make_checkpoint, make_tokenizer_json  # noqa: E402  (tests/ is on sys.path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -16,15 +16,6 @@ from dustin_kernels.speculative import Sampler, accept_greedy, accept_sampling, 
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing the CPUs under `pytest -n 2`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=VOCAB, family="qwen2", seed=0, std=0.25):
     cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qkv_bias=family == "qwen2",
