@@ -1,7 +1,7 @@
 # Provenance of sparse_verify_splits.jsonl (one JSON line per launch config: p20/p50/p80 in us): run on an
 # H200 (torch 2.11, triton 3.6) at commit 2b4eec3, through the launcher under dispatch.override, CUDA-graph
 # replays timed with triton.testing.do_bench; Qwen2.5-72B shape, batch 16, 32K history, budget 512.
-import itertools, json, os, sys, time
+import itertools, json, os, time
 import torch, triton.testing
 from dustin_kernels import dispatch
 from dustin_kernels.ops import verify
