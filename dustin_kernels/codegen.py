@@ -1,6 +1,6 @@
 """Render a spec's Jinja2 template into the cache folder and import it (spec -> uri -> render -> load).
 
-Cache folder: `$DUSTIN_CACHE_DIR`, default `~/.cache/dustin_kernels/generated`. A rendered file is
+Cache folder: `$DUSTIN_CACHE_DIR/generated`, default `~/.cache/dustin_kernels/generated`. A rendered file is
 written only when its text changed, under a file lock with a re-check, so concurrent processes are safe.
 
     python -m dustin_kernels.codegen sparse_verify_sm90_bf16_d128_g8_t5_bs1   # print rendered source

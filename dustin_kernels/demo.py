@@ -1,10 +1,10 @@
 """A short demo of the three ops on synthetic long-context data (random weights, planted structure).
 
-Each sequence hides a few hundred "needle" keys that the target's queries attend to; the draft's
-queries see the same direction through more noise. The demo selects a budget of history tokens with
-Dustin's rule and with a StreamingLLM-style rule (sink + recent), runs sparse verification and
-reports what the selection saves against dense verification: KV bytes read, attention mass kept,
-output error, and the time of each on this machine's default backend.
+Each sequence hides budget // 4 "needle" keys (128 by default) that the target's queries attend to;
+the draft's queries see the same direction through more noise. The demo selects a budget of history
+tokens with Dustin's rule and with a StreamingLLM-style rule (sink + recent), runs sparse
+verification and reports what the selection saves against dense verification: KV bytes read,
+attention mass kept, output error, and the time of each on this machine's default backend.
 
     python -m dustin_kernels.demo [--context 16384] [--batch 2] [--budget 512]
 """

@@ -10,7 +10,8 @@ The last committed token, `pending`, is not in the caches yet. One step (`specul
    the T = gamma + 1 window [pending, d_1 .. d_gamma] through `dense_verify` or `sparse_verify`;
 3. acceptance: greedy (longest prefix where d_i equals the target's argmax, then the target's token)
    or sampling (accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
-   from the residual norm(max(0, p_i - q_i)); after gamma acceptances draw from p_gamma), per sequence;
+   from the residual norm(max(0, p_i - q_i)); after gamma acceptances draw from p_{gamma+1}, the
+   target's distribution after d_gamma), per sequence;
 4. rollback by length: lens += accepted + 1 (pending and the accepted drafts are now committed); the
    new token becomes `pending`. Cache entries past lens are stale and never read.
 

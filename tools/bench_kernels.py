@@ -57,8 +57,8 @@ from dustin_kernels import attention_scores, dense_verify, dispatch, select_toke
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
 from dustin_kernels.autotune.measure import git_commit  # noqa: E402
 from dustin_kernels.shapes import PRESETS  # noqa: E402
+from dustin_kernels.spec import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTILES = (0.2, 0.5, 0.8)
 CPU_FLUSH_BYTES = 64 << 20
 SMALL_GRID = dict(batch=[1, 4], context=[4096, 16384, 32768], budget=[256])  # cpu-small: < 1 minute here

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from ..shapes import PRESETS, AttentionShape
-
-KERNELS = ("attention_scores", "select_tokens", "sparse_verify")
+from ..spec import KERNELS
 
 
 def _shape(text: str):

@@ -1,6 +1,6 @@
 """Measurement protocol of the tuner.
 
-1. Prepare (before any timing, `parallel` configs at a time in worker processes): compile each config
+1. Prepare (before any timing, `jobs` configs at a time in worker processes): compile each config
    ahead of time for the target arch with `dustin_kernels.aot.check` (dropped: compile errors and
    shared memory above the device's limit; verdicts cached on disk per spec, config, template and
    Triton version), then run it once on a small ragged problem against the float64 reference of
@@ -211,7 +211,6 @@ class Timer:
         src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
         median_us = self.time(lambda: dst.copy_(src)).median_us
-        del src, dst
         return 2 * nbytes / median_us / 1e3
 
 
@@ -379,7 +378,6 @@ def environment(device: torch.device, monitor: Monitor) -> dict:
 def git_commit(folder: Path) -> str | None:
     """HEAD of the checkout at `folder` ('+dirty' with local changes); `$DUSTIN_GIT_COMMIT` where the
     copy carries no history (a device machine's working tree); None outside git."""
-    import os
     import subprocess
 
     if os.environ.get("DUSTIN_GIT_COMMIT"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -310,5 +309,4 @@ def run(options: Options) -> int:
 
 
 def default_log_dir(slug: str) -> Path:
-    root = os.environ.get("DUSTIN_CACHE_DIR") or Path.home() / ".cache" / "dustin_kernels"
-    return Path(root) / "autotune" / slug
+    return codegen.cache_dir().parent / "autotune" / slug

@@ -94,14 +94,14 @@ def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
     return k, tile, max(config["CHUNK"], tile)
 
 
-def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, config=None):
+def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size):
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
     seq_lens = seq_lens.contiguous()  # the kernels read seq_lens[b] at offset b
     spec = KernelSpec(kernel="select_tokens", arch=dispatch.arch_for(device), block_size=block_size)
     mod = codegen.load(spec)
-    config = config or dispatch.config_for(spec, B, W, default_config, device=device)
+    config = dispatch.config_for(spec, B, W, default_config, device=device)
     warps, stages = config["num_warps"], config["num_stages"]
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
