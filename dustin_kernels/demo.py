@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import attention_scores, dense_verify, select_tokens, sparse_verify
-from .shapes import PRESETS
+from .shapes import PRESETS, spread_heads
 
 
 def make_problem(batch: int, context: int, window: int, shape, needles: int, device, dtype, seed: int = 0):
@@ -56,7 +56,7 @@ def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, w
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = make_problem(batch, context, window, shape, needles=budget // 4, device=device, dtype=dtype)
     q, k, v, seq_lens = p["q"], p["k"], p["v"], p["seq_lens"]
-    retrieval = sorted({i * shape.q_heads // 4 for i in range(4)})  # stand-ins for calibrated retrieval heads
+    retrieval = list(spread_heads(shape.q_heads))
     T, lengths = window, seq_lens.tolist()
 
     def dustin():

@@ -16,6 +16,12 @@ class AttentionShape:
         return self.q_heads // self.kv_heads
 
 
+def spread_heads(q_heads: int, n: int = 4) -> tuple[int, ...]:
+    """n distinct q-heads spread evenly over q_heads: stand-ins for calibrated retrieval heads."""
+    n = min(n, q_heads)
+    return tuple(i * q_heads // n for i in range(n))
+
+
 PRESETS = {
     "qwen2.5-72b": AttentionShape(64, 8, 128, 80),
     "qwen2.5-7b": AttentionShape(28, 4, 128, 28),

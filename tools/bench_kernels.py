@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 import dustin_kernels  # noqa: E402
 from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
-from dustin_kernels.autotune.measure import git_commit  # noqa: E402
-from dustin_kernels.shapes import PRESETS  # noqa: E402
+from dustin_kernels.autotune.measure import cuda_graph, git_commit  # noqa: E402
+from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 
 QUANTILES = (0.2, 0.5, 0.8)
@@ -83,23 +83,6 @@ FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batc
 
 # --- timing ---------------------------------------------------------------------------------------
 
-def cuda_graph(fn):
-    """fn() captured in a CUDA graph (as engines run decode steps), or None where capture fails."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up on a side stream: compiles and fills caches before capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph
-    except Exception:  # e.g. a baseline library that synchronises inside its call
-        torch.cuda.synchronize()
-        return None
-
-
 class Timer:
     """p20/p50/p80 milliseconds of fn(): do_bench of a CUDA-graph replay on CUDA (so Python launch
     overhead is out of kernel timings; plain launches where capture fails), flushed wall-clock
@@ -113,7 +96,7 @@ class Timer:
         if self.device.type == "cuda":
             import triton.testing
 
-            graph = cuda_graph(fn)
+            graph = cuda_graph(fn, self.device)
             self.graphed = graph is not None
             return list(triton.testing.do_bench(graph.replay if graph else fn, quantiles=list(QUANTILES)))
         fn()  # warm-up (and first-call caches)
@@ -136,10 +119,6 @@ def copy_gbps(device: torch.device, timer: Timer) -> float:
 
 
 # --- the workload ---------------------------------------------------------------------------------
-
-def spread_heads(q_heads: int) -> tuple[int, ...]:
-    """4 distinct q-heads spread over the heads: stand-ins for the calibrated retrieval heads."""
-    return tuple(sorted({i * q_heads // RETRIEVAL_HEADS for i in range(RETRIEVAL_HEADS)}))
 
 
 def used_kv_heads(heads, shape) -> int:
@@ -273,7 +252,8 @@ class Bench:
         self.backend = dispatch.backend_for(args.backend, self.device)
         self.esize = torch.empty(0, dtype=self.dtype).element_size()
         self.scale, self.draft_scale = self.shape.head_dim ** -0.5, self.draft.head_dim ** -0.5
-        self.target_heads, self.draft_heads = spread_heads(self.shape.q_heads), spread_heads(self.draft.q_heads)
+        self.target_heads, self.draft_heads = (spread_heads(self.shape.q_heads, RETRIEVAL_HEADS),
+                                              spread_heads(self.draft.q_heads, RETRIEVAL_HEADS))
         self.impl = {name: getattr(mod, f"_{self.backend}_{name}") for name, mod in (
             ("sparse_verify", verify_ops), ("attention_scores", scores_ops), ("select_tokens", select_ops))}
         self.timer = Timer(self.device, args.repeats)

@@ -127,6 +127,25 @@ def _stats(times_ms: list) -> tuple[float, float]:
     return q2 * 1e3, (q3 - q1) * 1e3
 
 
+def cuda_graph(fn, device: torch.device):
+    """fn() captured in a CUDA graph on `device` (launch overhead out of the timing, as engines run
+    decode steps), or None where capture fails (an op that syncs or allocates on the host)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # warm-up on a side stream: compiles and fills caches before capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(device)
+        return graph
+    except Exception:
+        torch.cuda.synchronize(device)
+        return None
+
+
 class Timer:
     """Times callables on `device`: CUDA (graph replay, do_bench, L2 flush, NVML) or CPU (interpreter)."""
 
@@ -140,22 +159,8 @@ class Timer:
 
     def prepare(self, fn):
         """`fn` as a CUDA-graph replay where capture works, else `fn` itself."""
-        if not self.graphs:
-            return fn
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            torch.cuda.synchronize(self.device)
-            return graph.replay
-        except Exception:  # an op that syncs or allocates on the host: time the plain call
-            torch.cuda.synchronize(self.device)
-            return fn
+        graph = cuda_graph(fn, self.device) if self.graphs else None
+        return graph.replay if graph is not None else fn
 
     def _block(self, fn, rep_ms: float) -> list:
         """Raw times (ms) of one block of calls."""

@@ -22,6 +22,7 @@ import math
 import torch
 
 from .. import perf_db
+from ..shapes import spread_heads
 from ..spec import DTYPES, KernelSpec
 
 KERNEL_OF = {"estimate": "attention_scores", "lookahead": "attention_scores", "select": "select_tokens",
@@ -82,8 +83,7 @@ class Workload:
 
     @property
     def score_heads(self) -> tuple[int, ...]:
-        n = min(self.heads, self.q_heads)
-        return tuple(i * self.q_heads // n for i in range(n))
+        return spread_heads(self.q_heads, self.heads)
 
     @property
     def n_max(self) -> int:
