@@ -159,6 +159,21 @@ def test_sweep_seeds_first_and_exhausts_a_small_space():
     assert outcome.best()[0].config == TRUE_BEST
 
 
+def test_the_seeds_are_measured_alone_first():
+    batches = []
+
+    def measure(configs):
+        batches.append(configs)
+        return [search.Trial(c, true_us(c)) for c in configs]
+
+    seeds = [CANDIDATES[5], CANDIDATES[9]]
+    for study in (search.open_study(None, "seeds", 0), None):  # tpe, then a sweep
+        batches.clear()
+        candidates = CANDIDATES if study is not None else CANDIDATES[:100]
+        search.Search(candidates, PARAMS, seeds=seeds, max_trials=20, parallel=4, study=study).run(measure)
+        assert batches[0] == seeds and len(batches[1]) == 4
+
+
 def test_patience_and_deadline_stop_a_bucket():
     flat = search.Search(CANDIDATES[:150], PARAMS, patience=10, max_trials=500)
     outcome = flat.run(lambda cs: [search.Trial(c, 5.0) for c in cs])
@@ -213,6 +228,35 @@ def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path
     monkeypatch.setattr(measure, "aot_verdict", lambda *a: pytest.fail("verdict not taken from the cache"))
     again = measure.Preparer(torch.device("cpu"), "sm80", use_aot=True, cache=tmp_path / "verdicts.json")
     assert [r["status"] for r in again(w, spec, [good, bad])] == ["ok", "compile"]
+
+
+def hang_on_two_splits(task: dict) -> dict:
+    """A preparation that never ends for num_splits == 2 (a compile or kernel that hangs on a GPU)."""
+    import time
+
+    if task["config"]["num_splits"] == 2:
+        time.sleep(600)
+    return {"status": "ok", "detail": {}}
+
+
+def test_preparer_sandbox_drops_a_hanging_config_dumps_its_stack_and_carries_on(capfd):
+    from dustin_kernels.autotune import measure
+
+    w = Workload("sparse", 8, 2, 64, "fp32", 2, 1, 2, 96, budget=32)
+    spec = w.dispatch_key("interp")[0]
+    configs = [{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": s} for s in (1, 2, 4)]
+    prepare = measure.Preparer(torch.device("cpu"), "interp", jobs=3, use_aot=False, timeout=20,
+                               prepare_fn=hang_on_two_splits)
+    try:
+        first = prepare(w, spec, configs)
+        assert [r["status"] for r in first] == ["ok", "timeout", "ok"]
+        assert "the 20 s limit" in first[1]["detail"]["error"]
+        again = prepare(w, spec, [configs[0], configs[2]])  # fresh workers take the next batch
+        assert [r["status"] for r in again] == ["ok", "ok"]
+    finally:
+        prepare.close()
+    err = capfd.readouterr().err
+    assert "1 of 3 configs unfinished" in err and "hang_on_two_splits" in err  # the hung worker's stack
 
 
 def test_correctness_check_rejects_a_wrong_result():

@@ -14,7 +14,9 @@ tiny shapes in Triton's interpreter and writes entries marked as not being perfo
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler and sweep-order seed")
     p.add_argument("--jobs", type=int, help="configs compiled and checked in parallel (default: min(8, CPUs); "
                                             "1 with --interpret)")
+    p.add_argument("--prepare-timeout", type=float,
+                   help="seconds a batch of configs may take to compile and run once (GPU; default 300); "
+                        "configs still running then are dropped as 'timeout' and the workers' stacks printed")
     p.add_argument("--sweep-limit", type=int, default=200,
                    help="sweep every candidate when there are at most this many")
     p.add_argument("--no-aot", dest="aot", action="store_false", help="skip the ahead-of-time compile check")
@@ -72,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)  # a killed run says where it was
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is rendered and decorated
     import torch
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
               "shapes; the entries it writes are not performance figures).", file=sys.stderr)
         return 2
     from .. import dispatch, perf_db
-    from . import space, tuner
+    from . import measure, space, tuner
     from .workloads import from_grid
 
     grid = space.load_grid()
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
         trials=args.trials or (3 if args.interpret else 200), time_budget=args.time_budget,
         patience=args.patience, resume=args.resume, interpret=args.interpret, seed=args.seed,
         jobs=args.jobs or (1 if args.interpret else min(8, os.cpu_count() or 1)), sweep_limit=args.sweep_limit,
-        aot=args.aot, top=args.top, rounds=args.rounds, rep_ms=args.rep_ms)
+        prepare_timeout=args.prepare_timeout or measure.PREPARE_TIMEOUT, aot=args.aot, top=args.top,
+        rounds=args.rounds, rep_ms=args.rep_ms)
     return tuner.run(options)
 
 

@@ -5,7 +5,11 @@
    shared memory above the device's limit; verdicts cached on disk per spec, config, template and
    Triton version), then run it once on a small ragged problem against the float64 reference of
    `dustin_kernels.ref` (dropped: launch errors and wrong results). The real run also fills Triton's
-   on-disk compile cache, so the timing process does not compile.
+   on-disk compile cache, so the timing process does not compile. On a GPU the workers are a sandbox:
+   a config whose preparation outlives `timeout` (or the bucket's deadline) is dropped as "timeout",
+   the workers' Python stacks are dumped to stderr (where they were stuck) and the workers replaced,
+   so a hanging compile or kernel never stalls the run, and the timing process only runs configs
+   that already ran correctly once.
 2. Time (GPU): the public op under `dispatch.override`, captured in a CUDA graph where capture works
    (no Python or launch overhead in the figure), `triton.testing.do_bench` with the L2 cache flushed
    before every replay; median and IQR of all replays. NVML is read around each block: clock-event
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import faulthandler
 import json
 import multiprocessing
 import os
+import signal
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +40,7 @@ from .. import aot, codegen, dispatch
 from .workloads import Problem, Workload, build
 
 SMEM_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (A100, H100/H200) without a device to ask
+PREPARE_TIMEOUT = 300.0  # seconds one batch of preparations may take (the slowest compile measured: ~80 s)
 
 
 @dataclasses.dataclass
@@ -256,6 +264,8 @@ class _Worker:
     def init(cls, interpret: bool):
         if not interpret:
             os.environ.pop("TRITON_INTERPRET", None)
+        # terminated (a time limit, the tuner's or a shell's `timeout`): print where it was, then exit
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
         cls.problems = {}
 
     @classmethod
@@ -301,10 +311,11 @@ def prepare_one(task: dict) -> dict:
 
 
 class Preparer:
-    """Runs `prepare_one` for batches of configs (a process pool when jobs > 1) with a verdict cache."""
+    """Runs `prepare_one` for batches of configs with a verdict cache: in worker processes (a sandbox
+    with a time limit) on a GPU or when jobs > 1, else in this process (the interpreter's tests)."""
 
     def __init__(self, device: torch.device, arch: str, *, jobs: int = 1, use_aot: bool = True,
-                 cache: Path | None = None):
+                 cache: Path | None = None, timeout: float = PREPARE_TIMEOUT, prepare_fn=None):
         self.device, self.arch = device, arch
         self.use_aot = use_aot and arch in SMEM_LIMIT
         self.smem_limit = SMEM_LIMIT.get(arch, 0)
@@ -316,8 +327,9 @@ class Preparer:
             self.verdicts = json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
             self.verdicts = {}
-        self.jobs = jobs
-        self.pool = self._start() if jobs > 1 else None
+        self.jobs, self.timeout = max(1, jobs), timeout
+        self.prepare_fn = prepare_fn or prepare_one  # a module-level function (workers import it)
+        self.pool = self._start() if jobs > 1 or device.type == "cuda" else None
 
     def _start(self):
         return concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -327,8 +339,48 @@ class Preparer:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def __call__(self, workload: Workload, spec, configs: list) -> list[dict]:
-        """{"status", "detail"} per config (see `prepare_one`); AOT verdicts come from the cache when known."""
+    def _restart(self, dump: bool) -> None:
+        """Replace the workers; `dump`: terminate them (each prints its Python stacks: why it hung), else kill."""
+        workers = multiprocessing.active_children()  # this process's only children are the pool's workers
+        for worker in workers:
+            if dump:
+                worker.terminate()
+            else:
+                worker.kill()
+        for worker in workers:
+            worker.join(timeout=2.0)
+            worker.kill()  # one stuck where a signal cannot reach it
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start()
+
+    def _run_pool(self, tasks: list, deadline: float | None) -> list:
+        futures = [self.pool.submit(self.prepare_fn, t) for t in tasks]
+        limit = self.timeout if deadline is None else max(0.0, min(self.timeout, deadline - time.monotonic()))
+        start = time.monotonic()
+        late = concurrent.futures.wait(futures, timeout=limit).not_done
+        results = []
+        for task, future in zip(tasks, futures):
+            if future in late:
+                why = "the bucket's time budget" if limit < self.timeout else f"the {self.timeout:.0f} s limit"
+                results.append({"status": "timeout", "detail": {
+                    "error": f"preparation unfinished after {time.monotonic() - start:.0f} s ({why})"}})
+                continue
+            try:
+                results.append(future.result())
+            except Exception as exc:  # a worker died (e.g. a crash in a compiler or driver)
+                error = f"worker failed: {type(exc).__name__}: {exc}"[:800]
+                results.append({"status": "launch", "detail": {"error": error, "fatal": True}})
+        if late:
+            stuck = [t["config"] for t, f in zip(tasks, futures) if f in late and f.running()]
+            print(f"preparation: {len(late)} of {len(tasks)} configs unfinished after {limit:.0f} s; stacks of the "
+                  f"workers follow (running: {stuck})", file=sys.stderr, flush=True)
+        if late or any(r["detail"].get("fatal") for r in results):  # a hung or broken worker is replaced
+            self._restart(dump=bool(late))
+        return results
+
+    def __call__(self, workload: Workload, spec, configs: list, deadline: float | None = None) -> list[dict]:
+        """{"status", "detail"} per config (see `prepare_one`; "timeout" when its preparation was still
+        running after `timeout` seconds or at `deadline`); AOT verdicts come from the cache when known."""
         tasks = []
         for config in configs:
             cached = self.verdicts.get(_aot_key(spec, config, self.smem_limit)) if self.use_aot else None
@@ -336,18 +388,16 @@ class Preparer:
                           "device": str(self.device), "smem_limit": self.smem_limit,
                           "aot": self.use_aot and cached is None, "run": cached is None or cached["ok"]})
         if self.pool is not None:
-            results = list(self.pool.map(prepare_one, tasks))
-            if any(r["detail"].get("fatal") for r in results):  # replace the workers a CUDA error broke
-                self.pool.shutdown()
-                self.pool = self._start()
+            results = self._run_pool(tasks, deadline)
         else:
-            results = [prepare_one(t) for t in tasks]
+            results = [self.prepare_fn(t) for t in tasks]
         for task, result in zip(tasks, results):
-            if not self.use_aot:
+            if not self.use_aot or result["status"] == "timeout":
                 continue
             key = _aot_key(spec, task["config"], self.smem_limit)
             if task["aot"]:
-                self.verdicts[key] = result["detail"]["aot"]
+                if "aot" in result["detail"]:
+                    self.verdicts[key] = result["detail"]["aot"]
             else:
                 result["detail"]["aot"] = self.verdicts[key]
                 if not self.verdicts[key]["ok"]:

@@ -7,7 +7,9 @@ that a proposal is a candidate and measured without failing (`constraints_func`)
 random-order sweep stands in for TPE. Stops after `max_trials` measured configs, after `patience`
 measured configs without a `min_gain` (1%) improvement on the best, when the candidates run out,
 or at `deadline`. Trials are asked `parallel` at a time (so they can be compiled in parallel) and,
-with a `storage`, recorded in an Optuna study so that a rerun with the same study continues it.
+with a `storage`, recorded in an Optuna study so that a rerun with the same study continues it. The
+first batch holds only the seeds (known to compile, quick to prepare), so a bucket has a figure before
+slow candidates or the deadline can cut it short.
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ class Search:
             self.on_trial(trial, len(self.trials))
 
     def _room(self) -> int:
-        """Configs the next batch may hold: `parallel`, at most the trials left."""
-        return min(self.parallel, self.max_trials - len(self.trials))
+        """Configs the next batch may hold: `parallel`, at most the trials left; the seeds alone first."""
+        room = min(self.parallel, self.max_trials - len(self.trials))
+        seeds_left = sum(key not in self.measured for key in self.seeds)
+        return min(room, seeds_left) if seeds_left and not self.trials else room
 
     def _stop(self) -> str | None:
         if len(self.measured) >= len(self.candidates):

@@ -39,6 +39,7 @@ class Options:
     interpret: bool = False
     seed: int = 0
     jobs: int = 1  # configs prepared (compiled, checked) in parallel
+    prepare_timeout: float = measure.PREPARE_TIMEOUT  # seconds a batch's preparation may take
     sweep_limit: int = 200
     aot: bool = True
     top: int = 3  # best configs re-measured at the end
@@ -129,7 +130,8 @@ class Tuner:
         self.journal = options.log_dir / "journal.log"
         if self.journal.exists() and not options.resume:  # a fresh run keeps the old journal aside
             shutil.move(self.journal, self.journal.with_name(f"journal.{int(self.journal.stat().st_mtime)}.log"))
-        self.prepare = measure.Preparer(self.device, self.arch, jobs=options.jobs, use_aot=options.aot)
+        self.prepare = measure.Preparer(self.device, self.arch, jobs=options.jobs, use_aot=options.aot,
+                                        timeout=options.prepare_timeout)
         self.trials_by_kernel: dict = {}
         self.sampler_by_kernel: dict = {}
 
@@ -160,8 +162,13 @@ class Tuner:
         seeds = _seeds(doc, key) + [default_config]
         print(f"{key}: {w.label()}; {len(candidates)} candidates of {kernel_space.size}", flush=True)
 
+        first = True
+
         def measure_batch(configs):
-            prepared = self.prepare(w, spec, configs)
+            nonlocal first
+            # the first batch (the seeds) is prepared whatever the deadline, so the bucket gets a figure
+            prepared = self.prepare(w, spec, configs, deadline=None if first else deadline)
+            first = False
             trials = []
             for config, prep in zip(configs, prepared):
                 trial = search.Trial(config, None, prep["status"], prep["detail"])
