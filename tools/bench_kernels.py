@@ -28,8 +28,9 @@ target. Selection share = (3 x draft + target + select) / (layers x one layer's 
 selection runs once per step and its index serves every target layer (layers from the preset).
 
 Bytes floors: FLOORS below (also written into each result file). Copy bandwidth counts the bytes
-read plus the bytes written by one large copy (1 GiB on CUDA, 256 MiB on CPU), like the floors, so
-copy_frac is the fraction of the device's measured memory speed that an op achieves on its floor.
+read plus the bytes written by one large copy (1 GiB on CUDA, 256 MiB on CPU; launched plainly, see
+`dustin_kernels.autotune.measure.copy_gbs`, the tuner's figure too), like the floors, so copy_frac is
+the fraction of the device's measured memory speed that an op achieves on its floor.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 import dustin_kernels  # noqa: E402
 from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
-from dustin_kernels.autotune.measure import cuda_graph, git_commit  # noqa: E402
+from dustin_kernels.autotune.measure import copy_gbs, cuda_graph, git_commit  # noqa: E402
 from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 
@@ -107,15 +108,6 @@ class Timer:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return [float(x) for x in np.quantile(times, QUANTILES)]
-
-
-def copy_gbps(device: torch.device, timer: Timer) -> float:
-    """Read + write GB/s of one large device-to-device copy (1 GiB on CUDA, 256 MiB on CPU)."""
-    n = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.ones(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    p50 = timer(lambda: dst.copy_(src))[1]
-    return 2 * n / (p50 * 1e-3) / 1e9
 
 
 # --- the workload ---------------------------------------------------------------------------------
@@ -266,7 +258,7 @@ class Bench:
             timing="triton.testing.do_bench of CUDA-graph replays (cuda_graph column), L2 flushed"
             if self.device.type == "cuda" else
             f"wall clock, {args.repeats} calls, {CPU_FLUSH_BYTES >> 20} MiB flush before each",
-            copy_gbps=copy_gbps(self.device, self.timer))
+            copy_gbps=copy_gbs(self.device))
         self.skipped = {}  # baseline -> why it has no rows
         for name in ("flash_attn", "flashinfer"):
             if self.device.type != "cuda":

@@ -217,14 +217,19 @@ class Timer:
                 times[name] += block[name]
         return {name: Timing(*_stats(times[name]), len(times[name]), throttle) for name in names}
 
-    def copy_gbs(self, nbytes: int = 1 << 30) -> float | None:
-        """Device-to-device copy bandwidth (bytes read + written per second, GB/s); None on CPU."""
-        if not self.cuda:
-            return None
-        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        dst = torch.empty_like(src)
-        median_us = self.time(lambda: dst.copy_(src)).median_us
-        return 2 * nbytes / median_us / 1e3
+
+
+def copy_gbs(device: torch.device) -> float:
+    """Read + write GB/s of one large device-to-device copy (1 GiB on CUDA, 256 MiB on CPU): the
+    bandwidth that the tuner's and the benchmark's fractions are taken of. Launched plainly, not
+    replayed from a CUDA graph: on an H200 the replayed copy ran at 2.7 TB/s against 4.2 TB/s
+    launched (a captured device-to-device copy becomes a graph memcpy node), slower than kernels
+    read memory (dense_verify: 3.1 TB/s), so fractions of it overstated every kernel."""
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median_us = Timer(device).time(lambda: dst.copy_(src)).median_us
+    return 2 * nbytes / median_us / 1e3
 
 
 def runner(problem: Problem, spec, config: dict):
@@ -266,6 +271,7 @@ class _Worker:
             os.environ.pop("TRITON_INTERPRET", None)
         # terminated (a time limit, the tuner's or a shell's `timeout`): print where it was, then exit
         faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+        torch.set_num_threads(1)  # `jobs` workers share the CPUs (float64 references, compiles)
         cls.problems = {}
 
     @classmethod

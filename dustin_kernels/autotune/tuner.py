@@ -125,7 +125,7 @@ class Tuner:
         self.slug = dispatch.device_slug(self.arch, self.device)
         self.timer = measure.Timer(self.device, rep_ms=options.rep_ms)
         self.env = measure.environment(self.device, self.timer.monitor)
-        self.copy_gbs = self.timer.copy_gbs()
+        self.copy_gbs = measure.copy_gbs(self.device) if self.device.type == "cuda" else None  # interpreter: no figure
         self.log = TrialLog(options.log_dir / "trials.jsonl")
         self.journal = options.log_dir / "journal.log"
         if self.journal.exists() and not options.resume:  # a fresh run keeps the old journal aside
