@@ -284,21 +284,29 @@ class _Worker:
 
 
 def prepare_one(task: dict) -> dict:
-    """One config: {"status": "ok" | "compile" | "launch" | "wrong", "detail": {...}} (runs in a worker)."""
+    """One config: {"status": "ok" | "compile" | "launch" | "wrong", "detail": {...}} (runs in a worker);
+    the detail holds the AOT verdict, any error, and the seconds spent compiling and checking."""
     from ..spec import KernelSpec
 
-    spec = KernelSpec.from_uri(task["uri"])
+    start = time.monotonic()
     detail: dict = {}
+    status = _prepare(KernelSpec.from_uri(task["uri"]), task, detail)
+    detail["prepare_s"] = round(time.monotonic() - start, 2)
+    return {"status": status, "detail": detail}
+
+
+def _prepare(spec, task: dict, detail: dict) -> str:
     if task["aot"]:
+        start = time.monotonic()
         try:
             verdict = aot_verdict(spec, task["config"], task["smem_limit"])
         except Exception as exc:  # aot_kernels itself rejected the config
             verdict = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        detail["aot"] = verdict
+        detail["aot"], detail["aot_s"] = verdict, round(time.monotonic() - start, 2)
         if not verdict["ok"]:
-            return {"status": "compile", "detail": detail}
+            return "compile"
     if not task["run"]:
-        return {"status": "ok", "detail": detail}
+        return "ok"
     try:
         problem, expected = _Worker.problem(task["workload"], task["device"])
         out = runner(problem, spec, task["config"])()
@@ -309,11 +317,11 @@ def prepare_one(task: dict) -> dict:
         detail["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-800:]
         # a CUDA error is sticky: the process that hit it cannot launch again
         detail["fatal"] = "CUDA error" in detail["error"] or "illegal memory access" in detail["error"]
-        return {"status": "launch", "detail": detail}
+        return "launch"
     if wrong:
         detail["error"] = wrong
-        return {"status": "wrong", "detail": detail}
-    return {"status": "ok", "detail": detail}
+        return "wrong"
+    return "ok"
 
 
 class Preparer:
