@@ -2,14 +2,17 @@
 
     python -m dustin_kernels.generate --target DIR --draft DIR --prompt "..." [--prompt ... | --prompt-file F]
         [--policy dustin] [--budget 512] [--m M] [--profile FILE] [--gamma 4] [--max-new-tokens 128]
-        [--temperature 0] [--top-p 1] [--seed 0] [--device cuda] [--dtype bf16] [--json]
-    python -m dustin_kernels.generate --demo [--json]
+        [--temperature 0] [--top-p 1] [--seed 0] [--device cuda] [--dtype bf16] [--fidelity] [--json]
+    python -m dustin_kernels.generate --demo [--fidelity] [--json]
 
 A folder holds config.json (Llama or Qwen2 / Qwen2.5), model.safetensors or sharded *.safetensors with
 model.safetensors.index.json, and tokenizer.json; the two models must share the tokenizer. Several
 prompts form a batch (ragged lengths are fine). --temperature 0 is greedy. Stats: the acceptance
 length (tokens per verification: accepted drafts + 1) histogram and mean, new tokens per second, and
-the KV bytes the verification reads against dense verification. --demo needs no download: it builds a
+the KV bytes the verification reads against dense verification. --fidelity also measures every sparse
+step against dense verification (`dustin_kernels/fidelity.py`: attention mass kept, its recall of each
+row's top-k mass, attention output error, greedy agreement; same tokens, slower, so no speed figures).
+--demo needs no download: it builds a
 tiny random model pair on the fly and runs plain decoding and every policy on the same batch of two
 prompts (--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed apply).
 """
@@ -67,7 +70,15 @@ def format_stats(stats) -> list[str]:
             f"speed: {stats.tokens_per_s:.1f} new tokens/s ({stats.new_tokens} tokens, "
             f"prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s)",
             f"verification KV bytes: {stats.kv_fraction:.1%} of dense ({stats.kv_read_bytes / 2**20:.1f} MiB read "
-            f"+ {stats.score_bytes / 2**20:.2f} MiB scores vs {stats.kv_dense_bytes / 2**20:.1f} MiB dense)"]
+            f"+ {stats.score_bytes / 2**20:.2f} MiB scores vs {stats.kv_dense_bytes / 2**20:.1f} MiB dense)"] + (
+        [format_fidelity(stats.fidelity)] if stats.fidelity else [])
+
+
+def format_fidelity(f: dict) -> str:
+    return (f"fidelity vs dense verification ({f['rows']} attention rows, {f['positions']} window positions): "
+            f"attention mass kept {f['mass_kept']:.1%} (min {f['min_mass_kept']:.1%}), recall of the top-k mass "
+            f"{f['topk_recall']:.1%}, output error {f['output_error']:.3f} (max {f['max_output_error']:.3f}), "
+            f"greedy agreement {f['greedy_agreement']:.1%} (tokens/s include the dense probe)")
 
 
 def run(args) -> dict:
@@ -94,7 +105,7 @@ def run(args) -> dict:
                              "max_position_embeddings)")
     sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
     result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policy, sampler=sampler,
-                      progress=not args.json and new * len(ids) >= 256)
+                      progress=not args.json and new * len(ids) >= 256, fidelity=args.fidelity)
     sequences = [{"prompt": p, "prompt_tokens": len(i), "token_ids": t,
                   "text": tokenizer.decode(t, skip_special_tokens=True)}
                  for p, i, t in zip(prompts, ids, result.tokens)]
@@ -206,22 +217,29 @@ def demo(args) -> dict:
             result = generate(None, target, ids, max_new_tokens=new, gamma=0, eos_ids=())
         else:
             result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policies[name],
-                              eos_ids=())
+                              eos_ids=(), fidelity=args.fidelity)
         reference = reference or result.tokens
         same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))
         rows.append({**result.stats.to_json(), "policy": name, "same_as_plain": same / sum(map(len, reference)),
                      "text": tokenizer.decode(result.tokens[0])})
     if not args.json:
-        print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as plain':>21}")
+        print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as plain':>21}"
+              + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if args.fidelity else ""))
         for r in rows:
+            f = r["fidelity"]
             print(f"{r['policy']:12} {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} "
-                  f"{r['same_as_plain']:21.1%}")
+                  f"{r['same_as_plain']:21.1%}"
+                  + (f" {f['mass_kept']:9.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f}" if f else ""))
         print(f"text (dustin, noise): {rows[2]['text'][:90]} ...")
         print(textwrap.fill(
             "plain: the target alone; dense: speculative decoding with dense verification; accept len: tokens "
             "per verification; KV read: the verification's K/V bytes plus the scores' K bytes, against dense. "
             "Streaming (sink + recent) misses the needles and drifts from the target; Dustin's selection keeps "
-            "them. Timings of tiny models only show the mechanics; the speedups need a GPU and long contexts.", 110))
+            "them. Timings of tiny models only show the mechanics; the speedups need a GPU and long contexts."
+            + (" Fidelity (sparse policies, against dense attention on the same inputs, every target layer): "
+               "mass kept = dense attention mass on the keys read; top-k recall = that over the mass of as many "
+               "keys of largest weight; attn error = relative L2 error of the attention output; tokens/s "
+               "include this dense probe." if args.fidelity else ""), 110))
     return {"demo": True, "random_weights": True, "prompt_tokens": [len(i) for i in ids], "rows": rows}
 
 
@@ -249,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--demo: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--max-len", type=int, default=None, help="cache positions (default: max_position_embeddings)")
+    p.add_argument("--fidelity", action="store_true", help="also measure each sparse verification against dense "
+                   "verification (attention mass kept, top-k recall, output error, greedy agreement; slower)")
     p.add_argument("--json", action="store_true", help="print one JSON object (sequences and stats)")
     return p
 

@@ -29,6 +29,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import dense_verify, sparse_verify, trusted_inputs
+from .fidelity import Probe
 from .models import KVCache, Transformer
 from .policies import Dense, VerifyContext
 
@@ -148,8 +149,9 @@ def _history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tenso
 @trusted_inputs()  # lengths and selections are built by this driver: no per-layer host syncs to check them
 def speculative_step(draft: Transformer | None, target: Transformer, draft_cache: KVCache | None,
                      target_cache: KVCache, state: State, policy=Dense(), sampler: Sampler = Sampler(),
-                     gamma: int = 4) -> Step:
-    """One draft-propose / target-verify / accept step for the whole batch; returns tokens and counts."""
+                     gamma: int = 4, probe: Probe | None = None) -> Step:
+    """One draft-propose / target-verify / accept step for the whole batch; returns tokens and counts.
+    probe: records the sparse verification's fidelity against dense verification (`fidelity.py`)."""
     T = gamma + 1
     lens = state.lens
     vocab = target.config.vocab_size if draft is None else min(target.config.vocab_size, draft.config.vocab_size)
@@ -176,9 +178,16 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     selection = policy.select(ctx)
     attend = dense_verify if selection is None else functools.partial(
         sparse_verify, idx=selection[0], count=selection[1], block_size=policy.block_size)
+    history = _history_read(selection, lens, policy.block_size)
     window = torch.cat([state.pending[:, None], drafts], 1)
+    if probe is not None and selection is not None:  # the dense pass first: the sparse one rewrites the window's K/V
+        dense_hidden, _ = target(window, target_cache, lens, attend=dense_verify)
+        probe.begin(attend, history, state.active)
+        attend = probe.attend
     hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
     logits = target.logits(hidden)[..., :vocab]
+    if probe is not None and selection is not None:
+        probe.compare_tokens(logits, target.logits(dense_hidden)[..., :vocab], state.active)
 
     if sampler.greedy:
         n, nxt = accept_greedy(drafts, logits)
@@ -196,7 +205,6 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         target_queries={layer: torch.where(active[:, None, None, None], q[rows, :, n][:, :, None],
                                            state.target_queries[layer]) for layer, q in queries.items()},
         active=active)
-    history = _history_read(selection, lens, policy.block_size)
     read = int(((history + T) * active).sum())
     dense = int(((lens.long() + T) * active).sum())
     return Step(tokens, counts, new_state, read, dense)
@@ -233,6 +241,7 @@ class Stats:
     kv_read_bytes: int = 0
     kv_dense_bytes: int = 0
     score_bytes: int = 0
+    fidelity: dict | None = None  # `fidelity.Probe.summary()` of a run with fidelity=True
 
     @property
     def mean_accept(self) -> float:
@@ -263,12 +272,13 @@ class Generation:
 def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int] = 64, gamma: int = 4, policy=Dense(), sampler: Sampler = Sampler(),
              eos_ids: Sequence[int] | None = None, max_len: int | None = None, chunk: int = 512,
-             progress: bool = False) -> Generation:
+             progress: bool = False, fidelity: bool = False) -> Generation:
     """Speculative decoding of a batch of token-id prompts (ragged lengths).
 
     max_new_tokens: one int or one per prompt; a sequence also stops after any of `eos_ids` (default:
     the target config's eos_token_id). max_len: cache positions (default: just enough, the longest
     prompt + max_new_tokens + gamma). draft=None with gamma=0 is plain decoding by the target.
+    fidelity: also measure each sparse step against dense verification (`fidelity.py`; slower, same tokens).
     Returns the new tokens of each sequence and the `Stats`."""
     B = len(prompts)
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -287,6 +297,7 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
                          f"the cache of {max_len}")
     name = policy.name if draft is not None else "plain" if policy.name == "dense" else f"plain/{policy.name}"
     stats = Stats(name, gamma, accept_hist=[0] * (gamma + 1))
+    probe = Probe() if fidelity else None
     begin = time.perf_counter()
     draft_cache, target_cache, state = start(draft, target, prompts, max_len or need, policy, chunk=chunk)
     done = [n == 0 for n in max_new]
@@ -300,7 +311,7 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
         while not all(done):
             stats.score_bytes += score_bytes(policy, draft, target, state.lens, gamma + 1, state.active)
-            step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma)
+            step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
             tokens, counts = step.tokens.tolist(), step.counts.tolist()
             before = sum(map(len, out))
             for b in range(B):
@@ -321,4 +332,5 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
             bar.update(sum(map(len, out)) - before)
     stats.decode_s = time.perf_counter() - begin
     stats.new_tokens = sum(map(len, out))
+    stats.fidelity = probe.summary() if probe is not None else None
     return Generation(out, stats)

@@ -64,10 +64,11 @@ def test_generate_json_batch_matches_target_greedy(pair, capsys, tmp_path):
 def test_generate_text_output_and_sampling(pair, capsys):
     code, out, err = run_cli(capsys, "--target", pair / "target", "--draft", pair / "draft", "--prompt", "w5 w6 w7",
                              "--max-new-tokens", 8, "--policy", "streaming", "--budget", 24, "--temperature", 0.8,
-                             "--top-p", 0.9, "--seed", 3, "--dtype", "bf16")
+                             "--top-p", 0.9, "--seed", 3, "--dtype", "bf16", "--fidelity")
     assert code == 0, err
     assert "--- sequence 0 (3 prompt tokens" in out and "acceptance length: mean" in out
     assert "verification KV bytes" in out and "no --profile" not in out
+    assert "fidelity vs dense verification" in out and "greedy agreement" in out
 
 
 def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
@@ -120,7 +121,7 @@ def test_calibrate_bad_arguments(pair, capsys, tmp_path, argv, message):
 
 
 def test_demo_json(capsys):
-    code, out, err = run_cli(capsys, "--demo", "--json", "--max-new-tokens", 24)
+    code, out, err = run_cli(capsys, "--demo", "--json", "--max-new-tokens", 24, "--fidelity")
     assert code == 0, err
     assert "RANDOM weights" in err and "noise" in err
     result = json.loads(out)
@@ -130,6 +131,8 @@ def test_demo_json(capsys):
     assert rows["dense"]["same_as_plain"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
     assert rows["dustin"]["kv_fraction"] < 0.5
     assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"]
+    assert rows["plain"]["fidelity"] is None and rows["dense"]["fidelity"] is None  # nothing to compare
+    assert rows["dustin"]["fidelity"]["mass_kept"] > 0.99 > 0.5 > rows["streaming"]["fidelity"]["mass_kept"]
 
 
 def test_demo_rejects_a_bad_budget_before_decoding(capsys, monkeypatch):
