@@ -1,20 +1,23 @@
 """Speculative decoding with Dustin sparse verification, from Hugging Face checkpoint folders.
 
     python -m dustin_kernels.generate --target DIR --draft DIR --prompt "..." [--prompt ... | --prompt-file F]
-        [--policy dustin] [--budget 512] [--m M] [--profile FILE] [--gamma 4] [--max-new-tokens 128]
-        [--temperature 0] [--top-p 1] [--seed 0] [--device cuda] [--dtype bf16] [--fidelity] [--json]
+        [--policy dustin | --policy plain dense dustin streaming] [--budget 512] [--m M] [--profile FILE]
+        [--gamma 4] [--max-new-tokens 128] [--temperature 0] [--top-p 1] [--seed 0] [--device cuda]
+        [--dtype bf16] [--fidelity] [--json]
     python -m dustin_kernels.generate --demo [--fidelity] [--json]
 
 A folder holds config.json (Llama or Qwen2 / Qwen2.5), model.safetensors or sharded *.safetensors with
 model.safetensors.index.json, and tokenizer.json; the two models must share the tokenizer. Several
-prompts form a batch (ragged lengths are fine). --temperature 0 is greedy. Stats: the acceptance
+prompts form a batch (ragged lengths are fine). --temperature 0 is greedy. Several --policy names
+run one after the other on the same batch and print a table side by side ('plain': the target
+alone); token agreement is counted against the first one named. Stats: the acceptance
 length (tokens per verification: accepted drafts + 1) histogram and mean, new tokens per second, and
 the KV bytes the verification reads against dense verification. --fidelity also measures every sparse
 step against dense verification (`dustin_kernels/fidelity.py`: attention mass kept, its recall of each
 row's top-k mass, attention output error, greedy agreement; same tokens, slower, so no speed figures).
 --demo needs no download: it builds a
 tiny random model pair on the fly and runs plain decoding and every policy on the same batch of two
-prompts (--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed apply).
+prompts (--policy, --max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed apply).
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ def load_pair(target_dir, draft_dir, *, dtype=None, device="cpu"):
     return draft, target, tok_t
 
 
-def build_policy(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=print):
-    """The --policy with its retrieval profile (--profile, else the documented default, said once)."""
+def build_policies(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=print) -> dict:
+    """{name: policy} of --policy ('plain': None), with the retrieval profile of --profile, else the
+    documented default (said once). Bad --budget / --m / --sink / --recent fail here, before decoding."""
     profile = None
-    if args.policy in ("dustin", "draft-only", "target-only"):
+    if {"dustin", "draft-only", "target-only"} & set(args.policy):
         if args.profile:
             profile = RetrievalProfile.load(args.profile, draft_cfg, target_cfg)
         else:
@@ -59,8 +63,55 @@ def build_policy(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=prin
             say(f"no --profile: default retrieval heads (all q heads of draft layers {sorted(profile.draft_heads)} "
                 f"and of target layer {profile.target_layer}); run `python -m dustin_kernels.calibrate` for "
                 "calibrated ones")
-    budget = 512 if args.budget is None else args.budget
-    return make_policy(args.policy, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
+    budget = (64 if args.demo else 512) if args.budget is None else args.budget
+    return {name: None if name == "plain" else make_policy(name, profile, budget=budget, m=args.m, sink=args.sink,
+                                                           recent=args.recent)
+            for name in args.policy}
+
+
+def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False):
+    """One generation of the batch `ids` with `policy` (None: plain decoding by the target alone)."""
+    device = target.device
+    sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
+    common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_ids=eos_ids, progress=progress,
+                  fidelity=args.fidelity)
+    if policy is None:
+        return generate(None, target, ids, gamma=0, **common)
+    return generate(draft, target, ids, gamma=args.gamma, policy=policy, **common)
+
+
+def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=None) -> list[dict]:
+    """The batch under each policy in turn: a row per policy (stats, share of tokens equal to the first
+    policy's, the tokens and, with `decode`, the first sequence's text)."""
+    rows, reference = [], None
+    for name, policy in policies.items():
+        result = run_policy(draft, target, ids, policy, args, eos_ids=eos_ids)
+        if reference is None:
+            reference = result.tokens
+        same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))
+        rows.append({**result.stats.to_json(), "policy": name, "token_ids": result.tokens,
+                     "same_as_first": same / max(sum(map(len, reference)), 1)}
+                    | ({"text": decode(result.tokens[0])} if decode else {}))
+    return rows
+
+
+def print_table(rows: list[dict], fidelity: bool) -> None:
+    """The policies side by side (see `compare`)."""
+    first = rows[0]["policy"]
+    print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as ' + first:>21}"
+          + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if fidelity else ""))
+    for r in rows:
+        f = r["fidelity"]
+        print(f"{r['policy']:12} {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} "
+              f"{r['same_as_first']:21.1%}"
+              + (f" {f['mass_kept']:9.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f}" if f else ""))
+    print(textwrap.fill(
+        "accept len: tokens per verification; KV read: the verification's K/V bytes plus the scores' K bytes, "
+        "against dense verification" + (
+            "; fidelity (sparse policies, against dense attention on the same inputs, every target layer): mass "
+            "kept = dense attention mass on the keys read; top-k recall = that over the mass of as many keys of "
+            "largest weight; attn error = relative L2 error of the attention output; tokens/s include this "
+            "dense probe" if fidelity else "") + ".", 110))
 
 
 def format_stats(stats) -> list[str]:
@@ -92,22 +143,29 @@ def run(args) -> dict:
     draft, target, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype and DTYPES[args.dtype],
                                          device=device)
     say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    policy = build_policy(args, draft.config, target.config, say)
+    policies = build_policies(args, draft.config, target.config, say)
     ids = [tokenizer.encode(p).ids for p in prompts]
-    new = args.max_new_tokens or 128
     cap = args.max_len or min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
     for b, p in enumerate(ids):
         if not p:
             raise ValueError(f"prompt {b}: encodes to no tokens")
-        if len(p) + new + args.gamma > cap:
-            raise ValueError(f"prompt {b}: {len(p)} tokens + --max-new-tokens {new} + --gamma "
+        if len(p) + args.max_new_tokens + args.gamma > cap:
+            raise ValueError(f"prompt {b}: {len(p)} tokens + --max-new-tokens {args.max_new_tokens} + --gamma "
                              f"{args.gamma} do not fit the cache of {cap} positions (--max-len; default: the models' "
                              "max_position_embeddings)")
-    sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
-    result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policy, sampler=sampler,
-                      progress=not args.json and new * len(ids) >= 256, fidelity=args.fidelity)
-    sequences = [{"prompt": p, "prompt_tokens": len(i), "token_ids": t,
-                  "text": tokenizer.decode(t, skip_special_tokens=True)}
+    def decode(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    if len(policies) > 1:
+        rows = compare(draft, target, ids, policies, args, decode=decode)
+        if not args.json:
+            print_table(rows, args.fidelity)
+        return {"prompt_tokens": [len(i) for i in ids], "rows": rows,
+                "policies": {name: _policy_json(p) for name, p in policies.items() if p is not None}}
+    (policy,) = policies.values()
+    progress = not args.json and args.max_new_tokens * len(ids) >= 256
+    result = run_policy(draft, target, ids, policy, args, progress=progress)
+    sequences = [{"prompt": p, "prompt_tokens": len(i), "token_ids": t, "text": decode(t)}
                  for p, i, t in zip(prompts, ids, result.tokens)]
     if not args.json:
         for b, s in enumerate(sequences):
@@ -115,7 +173,8 @@ def run(args) -> dict:
             print(s["text"])
         print("--- stats ---")
         print("\n".join(format_stats(result.stats)))
-    return {"sequences": sequences, "stats": result.stats.to_json(), "policy": _policy_json(policy)}
+    return {"sequences": sequences, "stats": result.stats.to_json(),
+            "policy": _policy_json(policy) if policy is not None else {"name": "plain"}}
 
 
 def _policy_json(policy) -> dict:
@@ -199,47 +258,26 @@ def demo(args) -> dict:
     draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed)
     draft, target = draft.to(device), target.to(device)
     ids = demo_prompts(tokenizer, seed=args.seed)
-    budget = 64 if args.budget is None else args.budget
-    new = args.max_new_tokens or 64
     profile = RetrievalProfile.default(draft.config, target.config)
-    policies = {name: make_policy(name, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent)
-                for name in POLICIES}  # bad --budget / --m / --sink / --recent fail here, before any decoding
+    policies = build_policies(args, draft.config, target.config, say=lambda msg: None)  # the header says it
+    budget = next((p.budget for p in policies.values() if hasattr(p, "budget")), None)
     say(textwrap.fill(
         f"dustin_kernels demo: the models have RANDOM weights (made on the fly, no download), so their text is "
         f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
         f"Target: 6-layer Qwen2-style model (hidden 256, 8 q / 2 KV heads); draft: its first 2 layers. "
-        f"Batch of 2 prompts ({len(ids[0])} and {len(ids[1])} tokens), {new} new tokens, gamma {args.gamma}, "
-        f"budget {budget} history tokens, greedy, {device}, fp32. Default retrieval heads (no profile): all q "
-        f"heads of draft layers {sorted(profile.draft_heads)} and of target layer {profile.target_layer}.", 110))
-    rows, reference = [], None
-    for name in ("plain",) + POLICIES:
-        if name == "plain":
-            result = generate(None, target, ids, max_new_tokens=new, gamma=0, eos_ids=())
-        else:
-            result = generate(draft, target, ids, max_new_tokens=new, gamma=args.gamma, policy=policies[name],
-                              eos_ids=(), fidelity=args.fidelity)
-        reference = reference or result.tokens
-        same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))
-        rows.append({**result.stats.to_json(), "policy": name, "same_as_plain": same / sum(map(len, reference)),
-                     "text": tokenizer.decode(result.tokens[0])})
+        f"Batch of 2 prompts ({len(ids[0])} and {len(ids[1])} tokens), {args.max_new_tokens} new tokens, gamma "
+        f"{args.gamma}" + (f", budget {budget} history tokens" if budget else "") + f", greedy, {device}, fp32. "
+        f"Default retrieval heads (no profile): all q heads of draft layers {sorted(profile.draft_heads)} and of "
+        f"target layer {profile.target_layer}.", 110))
+    rows = compare(draft, target, ids, policies, args, eos_ids=(), decode=tokenizer.decode)
     if not args.json:
-        print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as plain':>21}"
-              + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if args.fidelity else ""))
-        for r in rows:
-            f = r["fidelity"]
-            print(f"{r['policy']:12} {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} "
-                  f"{r['same_as_plain']:21.1%}"
-                  + (f" {f['mass_kept']:9.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f}" if f else ""))
-        print(f"text (dustin, noise): {rows[2]['text'][:90]} ...")
+        print_table(rows, args.fidelity)
+        shown = next((r for r in rows if r["policy"] == "dustin"), rows[0])
+        print(f"text ({shown['policy']}, noise): {shown['text'][:90]} ...")
         print(textwrap.fill(
-            "plain: the target alone; dense: speculative decoding with dense verification; accept len: tokens "
-            "per verification; KV read: the verification's K/V bytes plus the scores' K bytes, against dense. "
-            "Streaming (sink + recent) misses the needles and drifts from the target; Dustin's selection keeps "
-            "them. Timings of tiny models only show the mechanics; the speedups need a GPU and long contexts."
-            + (" Fidelity (sparse policies, against dense attention on the same inputs, every target layer): "
-               "mass kept = dense attention mass on the keys read; top-k recall = that over the mass of as many "
-               "keys of largest weight; attn error = relative L2 error of the attention output; tokens/s "
-               "include this dense probe." if args.fidelity else ""), 110))
+            "plain: the target alone; dense: speculative decoding with dense verification. Streaming (sink + "
+            "recent) misses the needles and drifts from the target; Dustin's selection keeps them. Timings of "
+            "tiny models only show the mechanics; the speedups need a GPU and long contexts.", 110))
     return {"demo": True, "random_weights": True, "prompt_tokens": [len(i) for i in ids], "rows": rows}
 
 
@@ -253,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", action="append", help="a file holding one prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 64 with --demo")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (the target verifies gamma + 1)")
-    p.add_argument("--policy", choices=POLICIES, default="dustin")
+    p.add_argument("--policy", nargs="+", choices=("plain",) + POLICIES, default=None,
+                   help="verification policy, or several to compare side by side ('plain': the target alone; "
+                        "default dustin; with --demo all of them)")
     p.add_argument("--budget", type=int, default=None, help="history tokens the sparse verification reads "
                    "(default 512; 64 with --demo)")
     p.add_argument("--m", type=int, default=None, help="tokens chosen by the draft lookahead (default: the "
@@ -280,6 +320,8 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens and --gamma must be >= 1")
     if not args.demo and not (args.target and args.draft):
         p.error("--target and --draft are required (or --demo)")
+    args.policy = list(dict.fromkeys(args.policy or (["plain", *POLICIES] if args.demo else ["dustin"])))
+    args.max_new_tokens = args.max_new_tokens or (64 if args.demo else 128)
     try:
         out = demo(args) if args.demo else run(args)
     except (ValueError, FileNotFoundError) as e:

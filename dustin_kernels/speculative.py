@@ -17,7 +17,8 @@ The last committed token, `pending`, is not in the caches yet. One step (`specul
 
 Finished sequences (EOS, or their max_new_tokens) stay in the batch, inactive: `generate` parks them
 at length 0 (their caches are no longer needed, so they cost a window's attention). Plain decoding
-is `draft=None, gamma=0` (the target alone, one token per step). Logits are cut to the smaller of the two vocab_size (rows past it are padding).
+is `draft=None, gamma=0` (the target alone, one token per step). Logits are cut to the smaller of the
+two vocab_size (rows past it are padding).
 """
 from __future__ import annotations
 

@@ -71,6 +71,23 @@ def test_generate_text_output_and_sampling(pair, capsys):
     assert "fidelity vs dense verification" in out and "greedy agreement" in out
 
 
+def test_generate_compares_policies_in_one_run(pair, capsys):
+    argv = ["--target", pair / "target", "--draft", pair / "draft", "--prompt", "w10 w11 w12 w90 w91 w40 w41 w42",
+            "--prompt", "w3 w4 w5", "--max-new-tokens", 10, "--gamma", 3, "--budget", 24, "--sink", 2, "--recent", 4]
+    code, out, err = run_cli(capsys, *argv, "--policy", "plain", "dense", "streaming", "dustin", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert list(rows) == ["plain", "dense", "streaming", "dustin"]
+    assert rows["plain"]["same_as_first"] == 1.0 and rows["plain"]["mean_accept"] == 1.0
+    assert rows["dense"]["token_ids"] == rows["plain"]["token_ids"]  # greedy: dense verification is exact
+    assert rows["dustin"]["kv_fraction"] > 1  # short prompts: the budget holds them, the scores cost extra
+    assert set(result["policies"]) == {"dense", "streaming", "dustin"}
+    code, out, err = run_cli(capsys, *argv, "--policy", "plain", "dustin", "--fidelity")
+    assert code == 0, err
+    assert "same tokens as plain" in out and "mass kept" in out and out.count("\n") < 12  # one table
+
+
 def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
     out_file = tmp_path / "profile.json"
     code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
@@ -128,7 +145,7 @@ def test_demo_json(capsys):
     assert result["random_weights"] is True
     rows = {r["policy"]: r for r in result["rows"]}
     assert list(rows) == ["plain", "dense", "dustin", "draft-only", "target-only", "streaming"]
-    assert rows["dense"]["same_as_plain"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
+    assert rows["dense"]["same_as_first"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
     assert rows["dustin"]["kv_fraction"] < 0.5
     assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"]
     assert rows["plain"]["fidelity"] is None and rows["dense"]["fidelity"] is None  # nothing to compare
