@@ -9,6 +9,7 @@
 #      network; see tools/wheels/README.md), each only if its distribution is not installed already;
 #      then dustin_kernels itself, editable, without dependencies or build isolation;
 #   1. tests: the GPU tier, `pytest -m gpu` with TRITON_INTERPRET=0 (compiled Triton on CUDA tensors);
+#      then the generator's demo on CUDA (`generate --demo --fidelity`: every policy side by side);
 #   2. tune: qwen2.5-72b attention (the 'headline' grid: batch 16, contexts 8K/16K/32K, budget 512,
 #      every kernel and workload) under a time budget, into DIR/perf_db (trial log and Optuna journal
 #      in DIR/autotune);
@@ -91,6 +92,9 @@ fi
 
 # --- 1. the GPU test tier ------------------------------------------------------------------------
 step tests 150 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m gpu -p no:cacheprovider --junitxml "$DIR/tests.xml" tests
+
+# --- 1b. the generator end to end on this GPU (the demo pair: every policy, fidelity vs dense) ----
+step generate 90 "$PYTHON" -m dustin_kernels.generate --demo --device cuda --fidelity
 
 # --- 2. tune the headline shapes -----------------------------------------------------------------
 # (a candidate hung in preparation costs at most 90 s; the seeds and final re-measures of 13 buckets
