@@ -37,17 +37,16 @@ class LayerFidelity:
     def add(self, kept: torch.Tensor, recall: torch.Tensor, error: torch.Tensor) -> None:
         """kept, recall, error: float [rows] of one call."""
         if kept.numel():
-            self += LayerFidelity(kept.numel(), float(kept.sum()), float(kept.min()), float(recall.sum()),
-                                  float(error.sum()), float(error.max()))
+            self.merge(LayerFidelity(kept.numel(), float(kept.sum()), float(kept.min()), float(recall.sum()),
+                                     float(error.sum()), float(error.max())))
 
-    def __iadd__(self, other: "LayerFidelity") -> "LayerFidelity":
+    def merge(self, other: "LayerFidelity") -> None:
         self.rows += other.rows
         self.mass_kept += other.mass_kept
         self.min_mass_kept = min(self.min_mass_kept, other.min_mass_kept)
         self.topk_recall += other.topk_recall
         self.output_error += other.output_error
         self.max_output_error = max(self.max_output_error, other.max_output_error)
-        return self
 
     def summary(self) -> dict:
         """Means over the rows (min / max where named)."""
@@ -81,7 +80,8 @@ class Probe:
             self.layers.append(LayerFidelity())
         rows = active.nonzero()[:, 0]
         kept = (lse.float() - dense_lse.float()).exp()[rows]  # [b, Hq, T]
-        best = topk_mass(q[rows], k_cache[rows], seq_lens[rows], history[rows])
+        best = torch.stack([topk_mass(q[b], k_cache[b], int(seq_lens[b]), int(history[b])) for b in rows.tolist()]) \
+            if len(rows) else kept
         error = (out.float() - dense_out.float()).norm(dim=-1) / dense_out.float().norm(dim=-1).clamp(min=1e-30)
         self.layers[self._layer].add(kept.flatten(), (kept / best).flatten(), error[rows].flatten())
         self._layer += 1
@@ -99,26 +99,22 @@ class Probe:
             return None
         total = LayerFidelity()
         for layer in self.layers:
-            total += layer
+            total.merge(layer)
         return {**total.summary(), "greedy_agreement": self.agreeing / max(self.positions, 1),
                 "positions": self.positions, "per_layer": [layer.summary() for layer in self.layers]}
 
 
-def topk_mass(q, k_cache, seq_lens, history) -> torch.Tensor:
-    """float32 [B, Hq, T]: the dense attention mass of each window row's `history[b] + t + 1` keys of
-    largest weight (row t sees keys [0, seq_lens[b] - T + t]; the default scale 1/sqrt(D)).
-    q [B, Hq, T, D]; k_cache [B, Hkv, N_max, D]; seq_lens int32[B]; history int64[B]."""
-    B, Hq, T, D = q.shape
-    G = Hq // k_cache.shape[1]
-    out = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+def topk_mass(q, k, seq_len: int, history: int) -> torch.Tensor:
+    """float32 [Hq, T]: the dense attention mass of each window row's `history + t + 1` keys of largest
+    weight (row t sees keys [0, seq_len - T + t]; the default scale 1/sqrt(D)). One sequence: q [Hq, T, D],
+    k [Hkv, N_max, D]; its weights [Hq, T, seq_len] in fp32 are the largest tensor made (K is not repeated
+    per q head)."""
+    Hq, T, D = q.shape
+    Hkv = k.shape[0]
     t = torch.arange(T, device=q.device)
-    for b in range(B):  # one sequence at a time: [Hq, T, n] probabilities, not [B, ...]
-        n = int(seq_lens[b])
-        keys = k_cache[b, :, :n].float().repeat_interleave(G, 0)  # [Hq, n, D]
-        logits = q[b].float() @ keys.transpose(1, 2) * D ** -0.5  # [Hq, T, n]
-        visible = torch.arange(n, device=q.device) <= (n - T + t)[:, None]  # [T, n]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
-        cumulative = probs.sort(-1, descending=True).values.cumsum(-1)
-        k = (history[b] + t + 1).clamp(max=n)  # [T]
-        out[b] = cumulative.gather(-1, (k - 1)[None, :, None].expand(Hq, T, 1))[..., 0]
-    return out
+    logits = q.float().reshape(Hkv, Hq // Hkv * T, D) @ k[:, :seq_len].float().transpose(1, 2) * D ** -0.5
+    visible = torch.arange(seq_len, device=q.device) <= (seq_len - T + t)[:, None]  # [T, n]
+    probs = logits.reshape(Hq, T, seq_len).masked_fill(~visible, float("-inf")).softmax(-1)
+    cumulative = probs.sort(-1, descending=True).values.cumsum(-1)
+    count = (history + t + 1).clamp(max=seq_len)  # [T]
+    return cumulative.gather(-1, (count - 1)[None, :, None].expand(Hq, T, 1))[..., 0]

@@ -15,9 +15,9 @@ length (tokens per verification: accepted drafts + 1) histogram and mean, new to
 the KV bytes the verification reads against dense verification. --fidelity also measures every sparse
 step against dense verification (`dustin_kernels/fidelity.py`: attention mass kept, its recall of each
 row's top-k mass, attention output error, greedy agreement; same tokens, slower, so no speed figures).
---demo needs no download: it builds a
-tiny random model pair on the fly and runs plain decoding and every policy on the same batch of two
-prompts (--policy, --max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed apply).
+--demo needs no download: it builds a tiny random model pair on the fly and runs plain decoding and
+every policy on the same batch of two prompts (--policy, --max-new-tokens, --gamma, --budget, --m,
+--sink, --recent, --seed, --temperature apply).
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=No
 def print_table(rows: list[dict], fidelity: bool) -> None:
     """The policies side by side (see `compare`)."""
     first = rows[0]["policy"]
-    print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same tokens as ' + first:>21}"
+    print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same as ' + first:>21}"
           + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if fidelity else ""))
     for r in rows:
         f = r["fidelity"]
@@ -162,7 +162,7 @@ def run(args) -> dict:
             print_table(rows, args.fidelity)
         return {"prompt_tokens": [len(i) for i in ids], "rows": rows,
                 "policies": {name: _policy_json(p) for name, p in policies.items() if p is not None}}
-    (policy,) = policies.values()
+    ((name, policy),) = policies.items()
     progress = not args.json and args.max_new_tokens * len(ids) >= 256
     result = run_policy(draft, target, ids, policy, args, progress=progress)
     sequences = [{"prompt": p, "prompt_tokens": len(i), "token_ids": t, "text": decode(t)}
@@ -173,6 +173,8 @@ def run(args) -> dict:
             print(s["text"])
         print("--- stats ---")
         print("\n".join(format_stats(result.stats)))
+        if args.fidelity and result.stats.fidelity is None:
+            print(f"fidelity: nothing to measure, {name!r} reads every history token")
     return {"sequences": sequences, "stats": result.stats.to_json(),
             "policy": _policy_json(policy) if policy is not None else {"name": "plain"}}
 
@@ -266,7 +268,8 @@ def demo(args) -> dict:
         f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
         f"Target: 6-layer Qwen2-style model (hidden 256, 8 q / 2 KV heads); draft: its first 2 layers. "
         f"Batch of 2 prompts ({len(ids[0])} and {len(ids[1])} tokens), {args.max_new_tokens} new tokens, gamma "
-        f"{args.gamma}" + (f", budget {budget} history tokens" if budget else "") + f", greedy, {device}, fp32. "
+        f"{args.gamma}" + (f", budget {budget} history tokens" if budget else "")
+        + (", greedy" if args.temperature == 0 else f", temperature {args.temperature}") + f", {device}, fp32. "
         f"Default retrieval heads (no profile): all q heads of draft layers {sorted(profile.draft_heads)} and of "
         f"target layer {profile.target_layer}.", 110))
     rows = compare(draft, target, ids, policies, args, eos_ids=(), decode=tokenizer.decode)
@@ -291,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", action="append", help="a file holding one prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 64 with --demo")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (the target verifies gamma + 1)")
-    p.add_argument("--policy", nargs="+", choices=("plain",) + POLICIES, default=None,
+    p.add_argument("--policy", nargs="+", action="extend", choices=("plain",) + POLICIES, default=None,
                    help="verification policy, or several to compare side by side ('plain': the target alone; "
                         "default dustin; with --demo all of them)")
     p.add_argument("--budget", type=int, default=None, help="history tokens the sparse verification reads "

@@ -174,6 +174,28 @@ def test_the_seeds_are_measured_alone_first():
         assert batches[0] == seeds and len(batches[1]) == 4
 
 
+def test_a_late_bucket_measures_its_seeds_and_cut_trials_are_not_recorded():
+    seeds = [CANDIDATES[5], CANDIDATES[9]]
+    batches = []
+
+    def measure(configs):
+        batches.append(configs)
+        cut = len(batches) > 1
+        return [search.Trial(c, None if cut else true_us(c), search.CUT if cut else "ok") for c in configs]
+
+    clock = iter([0.0] + [10.0] * 10)  # the deadline (5) passes during the second batch
+    study = search.open_study(None, "late", 0)
+    finder = search.Search(CANDIDATES, PARAMS, seeds=seeds, parallel=4, study=study, deadline=5,
+                           clock=lambda: next(clock))
+    outcome = finder.run(measure)
+    assert outcome.stop == "time" and [t.config for t in outcome.trials] == seeds and len(batches) == 2
+    cut = [t for t in study.trials if t.params in batches[1]]
+    assert len(cut) == 4 and {t.state.name for t in cut} == {"FAIL"}  # not kept as measured: --resume asks again
+    past = search.Search(CANDIDATES, PARAMS, seeds=seeds, parallel=4, study=search.open_study(None, "past", 0),
+                         deadline=-1)  # a bucket that starts after the run's budget is spent
+    assert [t.config for t in past.run(lambda cs: [search.Trial(c, true_us(c)) for c in cs]).trials] == seeds
+
+
 def test_patience_and_deadline_stop_a_bucket():
     flat = search.Search(CANDIDATES[:150], PARAMS, patience=10, max_trials=500)
     outcome = flat.run(lambda cs: [search.Trial(c, 5.0) for c in cs])
@@ -181,7 +203,7 @@ def test_patience_and_deadline_stop_a_bucket():
     ticks = itertools.count()
     timed = search.Search(CANDIDATES[:150], PARAMS, patience=500, deadline=5, clock=lambda: next(ticks))
     outcome = timed.run(lambda cs: [search.Trial(c, true_us(c)) for c in cs])
-    assert outcome.stop == "time" and len(outcome.trials) == 5
+    assert outcome.stop == "time" and len(outcome.trials) == 6  # the clock is read after each batch: 0, 1, .. 5
 
 
 def test_resume_continues_a_study(tmp_path):
@@ -230,33 +252,61 @@ def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path
     assert [r["status"] for r in again(w, spec, [good, bad])] == ["ok", "compile"]
 
 
-def hang_on_two_splits(task: dict) -> dict:
-    """A preparation that never ends for num_splits == 2 (a compile or kernel that hangs on a GPU)."""
+def troublesome_prepare(task: dict) -> dict:
+    """A stand-in preparation: num_splits 2 hangs (a compile or kernel stuck on a GPU), 4 kills its
+    worker (a crash in a compiler or driver), 8 takes 3 s; the others succeed at once."""
+    import os
     import time
 
-    if task["config"]["num_splits"] == 2:
+    splits = task["config"]["num_splits"]
+    if splits == 2:
         time.sleep(600)
+    if splits == 4:
+        os._exit(1)
+    if splits == 8:
+        time.sleep(3)
     return {"status": "ok", "detail": {}}
 
 
-def test_preparer_sandbox_drops_a_hanging_config_dumps_its_stack_and_carries_on(capfd):
+@pytest.fixture
+def sandbox():
     from dustin_kernels.autotune import measure
 
     w = Workload("sparse", 8, 2, 64, "fp32", 2, 1, 2, 96, budget=32)
-    spec = w.dispatch_key("interp")[0]
-    configs = [{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": s} for s in (1, 2, 4)]
-    prepare = measure.Preparer(torch.device("cpu"), "interp", jobs=3, use_aot=False, timeout=20,
-                               prepare_fn=hang_on_two_splits)
-    try:
-        first = prepare(w, spec, configs)
-        assert [r["status"] for r in first] == ["ok", "timeout", "ok"]
-        assert "the 20 s limit" in first[1]["detail"]["error"]
-        again = prepare(w, spec, [configs[0], configs[2]])  # fresh workers take the next batch
-        assert [r["status"] for r in again] == ["ok", "ok"]
-    finally:
-        prepare.close()
+    prepare = measure.Preparer(torch.device("cpu"), "interp", jobs=3, use_aot=False, prepare_fn=troublesome_prepare)
+    yield prepare, w, w.dispatch_key("interp")[0]
+    prepare.close()
+
+
+def splits(*values):
+    return [{"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": s} for s in values]
+
+
+def test_sandbox_drops_a_hanging_config_prints_the_stacks_and_carries_on(sandbox, capfd):
+    prepare, w, spec = sandbox
+    assert [r["status"] for r in prepare(w, spec, splits(1, 3, 6))] == ["ok"] * 3  # the workers are up
+    prepare.timeout = 5
+    first = prepare(w, spec, splits(1, 2, 3))
+    assert [r["status"] for r in first] == ["ok", "timeout", "ok"] and "the 5 s limit" in first[1]["detail"]["error"]
+    assert [r["status"] for r in prepare(w, spec, splits(1, 3))] == ["ok", "ok"]  # fresh workers
     err = capfd.readouterr().err
-    assert "1 of 3 configs unfinished" in err and "hang_on_two_splits" in err  # the hung worker's stack
+    assert "1 of 3 configs unfinished" in err and "troublesome_prepare" in err  # where the hung worker was
+
+
+def test_sandbox_fails_only_the_config_that_kills_its_worker(sandbox):
+    prepare, w, spec = sandbox
+    results = prepare(w, spec, splits(1, 4, 3))
+    assert [r["status"] for r in results] == ["ok", "launch", "ok"] and results[1]["detail"]["crashed"]
+    assert [r["status"] for r in prepare(w, spec, splits(6))] == ["ok"]
+
+
+def test_the_deadline_cuts_a_batch_without_a_verdict(sandbox, capfd):
+    import time
+
+    prepare, w, spec = sandbox
+    results = prepare(w, spec, splits(1, 8), deadline=time.monotonic() + 1.5)
+    assert [r["status"] for r in results] == ["ok", "cut"] or [r["status"] for r in results] == ["cut", "cut"]
+    assert "stacks follow" not in capfd.readouterr().err  # a cut is not a hang
 
 
 def test_correctness_check_rejects_a_wrong_result():

@@ -85,7 +85,7 @@ def test_generate_compares_policies_in_one_run(pair, capsys):
     assert set(result["policies"]) == {"dense", "streaming", "dustin"}
     code, out, err = run_cli(capsys, *argv, "--policy", "plain", "dustin", "--fidelity")
     assert code == 0, err
-    assert "same tokens as plain" in out and "mass kept" in out and out.count("\n") < 12  # one table
+    assert "same as plain" in out and "mass kept" in out and out.count("\n") < 12  # one table
 
 
 def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):

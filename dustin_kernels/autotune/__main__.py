@@ -64,8 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="configs compiled and checked in parallel (default: min(8, CPUs); "
                                             "1 with --interpret)")
     p.add_argument("--prepare-timeout", type=float,
-                   help="seconds a batch of configs may take to compile and run once (GPU; default 300); "
-                        "configs still running then are dropped as 'timeout' and the workers' stacks printed")
+                   help="seconds a batch of configs may take to compile and run once in the worker processes "
+                        "(on a GPU, or with --jobs > 1; default 300); configs still running then are dropped as "
+                        "'timeout' and the workers' stacks printed")
     p.add_argument("--sweep-limit", type=int, default=200,
                    help="sweep every candidate when there are at most this many")
     p.add_argument("--no-aot", dest="aot", action="store_false", help="skip the ahead-of-time compile check")
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
         parser().error(str(exc))
     if not planned:
         parser().error("no workload left: --workload names none of the chosen kernels' workloads")
+    if args.prepare_timeout is not None and not args.prepare_timeout > 0:
+        parser().error(f"--prepare-timeout: expected seconds > 0, got {args.prepare_timeout}")
     arch = dispatch.arch_for(torch.device("cpu") if args.interpret else torch.device("cuda"))
     slug = dispatch.device_slug(arch)
     options = tuner.Options(
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
         trials=args.trials or (3 if args.interpret else 200), time_budget=args.time_budget,
         patience=args.patience, resume=args.resume, interpret=args.interpret, seed=args.seed,
         jobs=args.jobs or (1 if args.interpret else min(8, os.cpu_count() or 1)), sweep_limit=args.sweep_limit,
-        prepare_timeout=args.prepare_timeout or measure.PREPARE_TIMEOUT, aot=args.aot, top=args.top,
+        prepare_timeout=measure.PREPARE_TIMEOUT if args.prepare_timeout is None else args.prepare_timeout,
+        aot=args.aot, top=args.top,
         rounds=args.rounds, rep_ms=args.rep_ms)
     return tuner.run(options)
 

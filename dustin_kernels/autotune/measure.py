@@ -6,10 +6,10 @@
    Triton version), then run it once on a small ragged problem against the float64 reference of
    `dustin_kernels.ref` (dropped: launch errors and wrong results). The real run also fills Triton's
    on-disk compile cache, so the timing process does not compile. On a GPU the workers are a sandbox:
-   a config whose preparation outlives `timeout` (or the bucket's deadline) is dropped as "timeout",
-   the workers' Python stacks are dumped to stderr (where they were stuck) and the workers replaced,
-   so a hanging compile or kernel never stalls the run, and the timing process only runs configs
-   that already ran correctly once.
+   a config whose preparation outlives `timeout` is dropped as "timeout" (the workers' Python stacks
+   are printed: where they were stuck) and the workers replaced; one that kills its worker is dropped
+   alone; so a hanging compile or kernel never stalls the run, and the timing process only runs
+   configs that already ran correctly once.
 2. Time (GPU): the public op under `dispatch.override`, captured in a CUDA graph where capture works
    (no Python or launch overhead in the figure), `triton.testing.do_bench` with the L2 cache flushed
    before every replay; median and IQR of all replays. NVML is read around each block: clock-event
@@ -22,6 +22,7 @@ In the interpreter (`--interpret`) times are wall-clock medians of a few calls: 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -41,6 +42,8 @@ from .workloads import Problem, Workload, build
 
 SMEM_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (A100, H100/H200) without a device to ask
 PREPARE_TIMEOUT = 300.0  # seconds one batch of preparations may take (the slowest compile measured: ~80 s)
+DUMP_SIGNAL = signal.SIGUSR1  # a preparation worker prints its Python stacks on it (faulthandler)
+STICKY_ERRORS = ("CUDA error", "[CUDA]", "illegal memory access", "unspecified launch failure")
 
 
 @dataclasses.dataclass
@@ -218,7 +221,6 @@ class Timer:
         return {name: Timing(*_stats(times[name]), len(times[name]), throttle) for name in names}
 
 
-
 def copy_gbs(device: torch.device) -> float:
     """Read + write GB/s of one large device-to-device copy (1 GiB on CUDA, 256 MiB on CPU): the
     bandwidth that the tuner's and the benchmark's fractions are taken of. Launched plainly, not
@@ -269,8 +271,7 @@ class _Worker:
     def init(cls, interpret: bool):
         if not interpret:
             os.environ.pop("TRITON_INTERPRET", None)
-        # terminated (a time limit, the tuner's or a shell's `timeout`): print where it was, then exit
-        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+        faulthandler.register(DUMP_SIGNAL, all_threads=True)  # the tuner asks where a hung worker is stuck
         torch.set_num_threads(1)  # `jobs` workers share the CPUs (float64 references, compiles)
         cls.problems = {}
 
@@ -316,7 +317,7 @@ def _prepare(spec, task: dict, detail: dict) -> str:
     except Exception as exc:
         detail["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-800:]
         # a CUDA error is sticky: the process that hit it cannot launch again
-        detail["fatal"] = "CUDA error" in detail["error"] or "illegal memory access" in detail["error"]
+        detail["fatal"] = any(text in detail["error"] for text in STICKY_ERRORS)
         return "launch"
     if wrong:
         detail["error"] = wrong
@@ -325,8 +326,11 @@ def _prepare(spec, task: dict, detail: dict) -> str:
 
 
 class Preparer:
-    """Runs `prepare_one` for batches of configs with a verdict cache: in worker processes (a sandbox
-    with a time limit) on a GPU or when jobs > 1, else in this process (the interpreter's tests)."""
+    """Runs `prepare_one` for batches of configs with a verdict cache. On a GPU or when jobs > 1 it runs
+    them in worker processes, a sandbox with a time limit; else in this process (the interpreter's
+    tests, no time limit). Statuses beyond `prepare_one`'s: "timeout" (still running after `timeout`
+    seconds: the workers' stacks are printed and the workers replaced), "cut" (still running at the
+    deadline: not measured, see `search.CUT`), "launch" with `crashed` (its worker died)."""
 
     def __init__(self, device: torch.device, arch: str, *, jobs: int = 1, use_aot: bool = True,
                  cache: Path | None = None, timeout: float = PREPARE_TIMEOUT, prepare_fn=None):
@@ -341,81 +345,101 @@ class Preparer:
             self.verdicts = json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
             self.verdicts = {}
+        if not timeout > 0:
+            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
         self.jobs, self.timeout = max(1, jobs), timeout
         self.prepare_fn = prepare_fn or prepare_one  # a module-level function (workers import it)
-        self.pool = self._start() if jobs > 1 or device.type == "cuda" else None
-
-    def _start(self):
-        return concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=_Worker.init, initargs=(self.arch == "interp",))
+        self.sandboxed = jobs > 1 or device.type == "cuda"
+        self.pool = None  # started on first use, replaced after a hang or a crash
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown()  # the workers are idle: every batch ended with its futures done or killed
 
-    def _restart(self, dump: bool) -> None:
-        """Replace the workers; `dump`: terminate them (each prints its Python stacks: why it hung), else kill."""
-        workers = multiprocessing.active_children()  # this process's only children are the pool's workers
+    def _submit(self, tasks: list) -> list:
+        for attempt in range(2):
+            if self.pool is None:
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_Worker.init,
+                    initargs=(self.arch == "interp",))
+            try:
+                return [self.pool.submit(self.prepare_fn, t) for t in tasks]
+            except concurrent.futures.BrokenExecutor:  # a worker died while idle
+                self._stop_workers(dump=False)
+        raise RuntimeError("preparation workers: the pool broke twice while starting")
+
+    def _stop_workers(self, dump: bool) -> None:
+        """End the pool and kill its workers (this process's only multiprocessing children); `dump`:
+        first have each print its Python stacks, one after the other (where it hung)."""
+        workers = multiprocessing.active_children()
+        for worker in workers if dump else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, DUMP_SIGNAL)
+                time.sleep(0.5)  # one dump at a time on the shared stderr
         for worker in workers:
-            if dump:
-                worker.terminate()
-            else:
-                worker.kill()
-        for worker in workers:
-            worker.join(timeout=2.0)
-            worker.kill()  # one stuck where a signal cannot reach it
+            worker.kill()
+            worker.join(timeout=5.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._start()
+        self.pool = None
 
     def _run_pool(self, tasks: list, deadline: float | None) -> list:
-        futures = [self.pool.submit(self.prepare_fn, t) for t in tasks]
         limit = self.timeout if deadline is None else max(0.0, min(self.timeout, deadline - time.monotonic()))
         start = time.monotonic()
-        late = concurrent.futures.wait(futures, timeout=limit).not_done
-        results = []
-        for task, future in zip(tasks, futures):
+        try:
+            futures = self._submit(tasks)
+            late = concurrent.futures.wait(futures, timeout=limit).not_done
+        except BaseException:  # interrupted (Ctrl-C): a worker may be stuck where no signal reaches it
+            if self.pool is not None:
+                self._stop_workers(dump=False)
+            raise
+        hung = late and limit >= self.timeout  # else the deadline cut them: not a verdict on the configs
+        results, crashed = [], []
+        for i, future in enumerate(futures):
             if future in late:
-                why = "the bucket's time budget" if limit < self.timeout else f"the {self.timeout:.0f} s limit"
-                results.append({"status": "timeout", "detail": {
+                why = f"the {self.timeout:.0f} s limit" if hung else "the bucket's time budget"
+                results.append({"status": "timeout" if hung else "cut", "detail": {
                     "error": f"preparation unfinished after {time.monotonic() - start:.0f} s ({why})"}})
                 continue
             try:
                 results.append(future.result())
-            except Exception as exc:  # a worker died (e.g. a crash in a compiler or driver)
-                error = f"worker failed: {type(exc).__name__}: {exc}"[:800]
-                results.append({"status": "launch", "detail": {"error": error, "fatal": True}})
-        if late:
+            except concurrent.futures.BrokenExecutor:  # some worker died: which one, below
+                results.append(None)
+                crashed.append(i)
+        if hung:
             stuck = [t["config"] for t, f in zip(tasks, futures) if f in late and f.running()]
-            print(f"preparation: {len(late)} of {len(tasks)} configs unfinished after {limit:.0f} s; stacks of the "
-                  f"workers follow (running: {stuck})", file=sys.stderr, flush=True)
-        if late or any(r["detail"].get("fatal") for r in results):  # a hung or broken worker is replaced
-            self._restart(dump=bool(late))
+            print(f"preparation: {len(late)} of {len(tasks)} configs unfinished after {limit:.0f} s; the workers' "
+                  f"stacks follow (running: {stuck})", file=sys.stderr, flush=True)
+        if late or crashed or any(r and r["detail"].get("fatal") for r in results):
+            self._stop_workers(dump=hung)
+        for i in crashed:  # alone in fresh workers, so that only the config that kills its worker fails
+            results[i] = ({"status": "launch", "detail": {"error": "its worker died (a crash in a compiler or the "
+                                                                   "driver)", "crashed": True}}
+                          if len(tasks) == 1 else self._run_pool([tasks[i]], deadline)[0])
         return results
 
     def __call__(self, workload: Workload, spec, configs: list, deadline: float | None = None) -> list[dict]:
-        """{"status", "detail"} per config (see `prepare_one`; "timeout" when its preparation was still
-        running after `timeout` seconds or at `deadline`); AOT verdicts come from the cache when known."""
+        """{"status", "detail"} per config (see `prepare_one` and the class); `deadline` (time.monotonic)
+        cuts the batch short. AOT verdicts come from the cache when known."""
         tasks = []
         for config in configs:
             cached = self.verdicts.get(_aot_key(spec, config, self.smem_limit)) if self.use_aot else None
             tasks.append({"uri": spec.uri(), "config": config, "workload": workload.to_json(),
                           "device": str(self.device), "smem_limit": self.smem_limit,
                           "aot": self.use_aot and cached is None, "run": cached is None or cached["ok"]})
-        if self.pool is not None:
+        if self.sandboxed:
             results = self._run_pool(tasks, deadline)
         else:
             results = [self.prepare_fn(t) for t in tasks]
         for task, result in zip(tasks, results):
-            if not self.use_aot or result["status"] == "timeout":
+            if not self.use_aot:
                 continue
             key = _aot_key(spec, task["config"], self.smem_limit)
-            if task["aot"]:
-                if "aot" in result["detail"]:
-                    self.verdicts[key] = result["detail"]["aot"]
-            else:
+            if not task["aot"]:  # a known verdict
                 result["detail"]["aot"] = self.verdicts[key]
                 if not self.verdicts[key]["ok"]:
                     result["status"] = "compile"
+            elif "aot" in result["detail"]:  # a new one (none when the preparation hung, was cut or crashed)
+                self.verdicts[key] = result["detail"]["aot"]
         if any(t["aot"] for t in tasks):
             self._save()
         return results

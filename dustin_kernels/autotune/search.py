@@ -8,8 +8,10 @@ random-order sweep stands in for TPE. Stops after `max_trials` measured configs,
 measured configs without a `min_gain` (1%) improvement on the best, when the candidates run out,
 or at `deadline`. Trials are asked `parallel` at a time (so they can be compiled in parallel) and,
 with a `storage`, recorded in an Optuna study so that a rerun with the same study continues it. The
-first batch holds only the seeds (known to compile, quick to prepare), so a bucket has a figure before
-slow candidates or the deadline can cut it short.
+first batch holds only the seeds (known to compile, quick to prepare) and is measured whatever the
+deadline, so a bucket always has a figure. A trial the measure returns with status "cut" (its
+preparation was cut short by the deadline) was not measured: it is neither recorded nor kept by the
+study, and a resumed run may ask for it again.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import warnings
 from typing import Callable, Sequence
 
 PENALTY = 1e12  # value told to Optuna for infeasible or failed trials (they are also flagged infeasible)
+CUT = "cut"  # status of a trial the deadline left unmeasured
 
 
 def config_key(config: dict) -> tuple:
@@ -101,6 +104,7 @@ class Search:
         self.measured: dict = {}  # config key -> Trial
         self.best = float("inf")
         self.since_gain = 0
+        self.batches = 0  # batches measured by this run (the first is measured whatever the deadline)
 
     # --- bookkeeping --------------------------------------------------------------------------------
     def _record(self, trial: Trial) -> None:
@@ -119,7 +123,7 @@ class Search:
         """Configs the next batch may hold: `parallel`, at most the trials left; the seeds alone first."""
         room = min(self.parallel, self.max_trials - len(self.trials))
         seeds_left = sum(key not in self.measured for key in self.seeds)
-        return min(room, seeds_left) if seeds_left and not self.trials else room
+        return min(room, seeds_left) if seeds_left and not self.batches else room
 
     def _stop(self) -> str | None:
         if len(self.measured) >= len(self.candidates):
@@ -128,7 +132,7 @@ class Search:
             return "trials"
         if self.since_gain >= self.patience:
             return "patience"
-        if self.deadline is not None and self.clock() >= self.deadline:
+        if self.deadline is not None and self.batches and self.clock() >= self.deadline:
             return "time"
         return None
 
@@ -227,7 +231,12 @@ class Search:
                 stop = "exhausted"
                 break
             for (config, handle), trial in zip(batch, measure([c for c, _ in batch])):
+                if trial.status == CUT:
+                    if handle is not None:
+                        self.study.tell(handle, state=_optuna().trial.TrialState.FAIL)
+                    continue
                 self._record(trial)
                 self._tell(handle, trial)
+            self.batches += 1
             stop = self._stop()
         return Outcome(self.trials, self.strategy, stop, resumed)
