@@ -357,7 +357,7 @@ class Preparer:
             self.pool.shutdown()  # the workers are idle: every batch ended with its futures done or killed
 
     def _submit(self, tasks: list) -> list:
-        for attempt in range(2):
+        for _ in range(2):
             if self.pool is None:
                 self.pool = concurrent.futures.ProcessPoolExecutor(
                     self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_Worker.init,
@@ -392,7 +392,7 @@ class Preparer:
             if self.pool is not None:
                 self._stop_workers(dump=False)
             raise
-        hung = late and limit >= self.timeout  # else the deadline cut them: not a verdict on the configs
+        hung = bool(late) and limit >= self.timeout  # else the deadline cut them: not a verdict on the configs
         results, crashed = [], []
         for i, future in enumerate(futures):
             if future in late:
