@@ -16,7 +16,7 @@
 #   3. bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
 #   4. perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
 #      against the default rule and the dense baseline (tools/perf_check.py --gpu).
-# Knobs (environment): TUNE_SECONDS (default 150), JOBS (default min(8, CPUs)), PYTHON (default python3),
+# Knobs (environment): TUNE_SECONDS (default 180), JOBS (default min(8, CPUs)), PYTHON (default python3),
 # TOTAL_SECONDS (default 470: every step's limit is cut to what is left of it, so the whole run stays
 # under 8 minutes; a step cut short fails and says so).
 set -uo pipefail
@@ -29,7 +29,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$1"
 DIR="$(cd "$1" && pwd)"
 PYTHON="${PYTHON:-python3}"
-TUNE_SECONDS="${TUNE_SECONDS:-150}"
+TUNE_SECONDS="${TUNE_SECONDS:-180}"
 TOTAL_SECONDS="${TOTAL_SECONDS:-470}"
 JOBS="${JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"
 export PYTHONUNBUFFERED=1 DUSTIN_CACHE_DIR="$DIR/cache"
