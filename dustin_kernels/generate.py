@@ -22,6 +22,7 @@ every policy on the same batch of two prompts (--policy, --max-new-tokens, --gam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -30,6 +31,7 @@ import torch
 
 from .models import DTYPES, ModelConfig, Transformer, init_random, load_model, load_tokenizer
 from .policies import POLICIES, RetrievalProfile, make_policy
+from .shapes import PRESETS, AttentionShape
 from .speculative import Sampler, generate
 
 
@@ -207,18 +209,24 @@ def demo_tokenizer():
 NEEDLES = ("dustin", "cache", "history")  # demo words that every head of the demo models attends to
 
 
-def demo_models(vocab: int, needle_ids: list[int], seed: int = 0, late: float = 0.3) -> tuple[Transformer, Transformer]:
-    """A random 6-layer Qwen2-style target and, as draft, its first 2 layers (self-speculative layer
-    skipping; the later layers' outputs are scaled by `late` so that the draft often agrees).
+DEMO_SHAPE = AttentionShape(8, 2, 32, 6)  # the demo target: hidden 256, 6 layers
+
+
+def demo_models(vocab: int, needle_ids: list[int], seed: int = 0, late: float = 0.3, shape=DEMO_SHAPE,
+                max_len: int = 4096) -> tuple[Transformer, Transformer]:
+    """A random Qwen2-style target of `shape` (hidden = q_heads * head_dim, `shape.layers` layers) and,
+    as draft, its first 2 layers (self-speculative layer skipping; the later layers' outputs are scaled
+    by `late` so that the draft often agrees).
 
     One planted pattern, so that the choice of history tokens matters as it does in long-context models
     (whose retrieval heads attend to a few history tokens): the embeddings of `needle_ids` share a
     direction u; every layer maps u to a key along the lowest-frequency RoPE pair and gives every query
     a bias along the same pair, so each head puts most of its attention on the needle tokens."""
-    hidden, heads, kv_heads, dim = 256, 8, 2, 32
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=512, num_layers=6, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=dim, qkv_bias=True, max_position_embeddings=4096,
-                      family="qwen2")
+    heads, kv_heads, dim = shape.q_heads, shape.kv_heads, shape.head_dim
+    hidden = heads * dim
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=shape.layers,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, qkv_bias=True,
+                      max_position_embeddings=max_len, family="qwen2")
     target = init_random(Transformer(cfg), seed).eval()
     u = torch.randn(hidden, generator=torch.Generator().manual_seed(seed + 1))
     u /= u.norm()
@@ -238,6 +246,11 @@ def demo_models(vocab: int, needle_ids: list[int], seed: int = 0, late: float = 
     return draft, target
 
 
+def demo_lengths(context: int, batch: int) -> list[int]:
+    """Prompt lengths of the demo batch: `context` tokens down to 0.7 * context (ragged)."""
+    return [context - (3 * context * i) // (10 * max(batch - 1, 1)) for i in range(batch)]
+
+
 def demo_prompts(tokenizer, lengths=(1000, 700), needles=30, seed=0) -> list[list[int]]:
     """Random demo words with `needles` needle words planted in each prompt (ragged lengths)."""
     g = torch.Generator().manual_seed(seed)
@@ -252,42 +265,56 @@ def demo_prompts(tokenizer, lengths=(1000, 700), needles=30, seed=0) -> list[lis
 
 
 def demo(args) -> dict:
-    """The policies side by side on a tiny random model pair (its text is noise)."""
+    """The policies side by side on a random model pair with planted needles (its text is noise)."""
     say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
+    device = torch.device(args.device or "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
+    shape = DEMO_SHAPE if args.shape is None else dataclasses.replace(PRESETS[args.shape], layers=DEMO_SHAPE.layers)
+    shape = shape if args.layers is None else dataclasses.replace(shape, layers=args.layers)
     tokenizer = demo_tokenizer()
-    device = args.device or "cpu"
-    draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed)
-    draft, target = draft.to(device), target.to(device)
-    ids = demo_prompts(tokenizer, seed=args.seed)
+    draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed,
+                                shape=shape, max_len=max(4096, args.context + args.max_new_tokens + args.gamma + 1))
+    draft, target = draft.to(device, dtype), target.to(device, dtype)
+    ids = demo_prompts(tokenizer, demo_lengths(args.context, args.batch), seed=args.seed)
     profile = RetrievalProfile.default(draft.config, target.config)
     policies = build_policies(args, draft.config, target.config, say=lambda msg: None)  # the header says it
     budget = next((p.budget for p in policies.values() if hasattr(p, "budget")), None)
     say(textwrap.fill(
         f"dustin_kernels demo: the models have RANDOM weights (made on the fly, no download), so their text is "
         f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
-        f"Target: 6-layer Qwen2-style model (hidden 256, 8 q / 2 KV heads); draft: its first 2 layers. "
-        f"Batch of 2 prompts ({len(ids[0])} and {len(ids[1])} tokens), {args.max_new_tokens} new tokens, gamma "
+        f"Target: {shape.layers}-layer Qwen2-style model (hidden {shape.q_heads * shape.head_dim}, {shape.q_heads} "
+        f"q / {shape.kv_heads} KV heads of {shape.head_dim}); draft: its first 2 layers. Batch of {len(ids)} "
+        f"prompts ({', '.join(str(len(i)) for i in ids)} tokens), {args.max_new_tokens} new tokens, gamma "
         f"{args.gamma}" + (f", budget {budget} history tokens" if budget else "")
-        + (", greedy" if args.temperature == 0 else f", temperature {args.temperature}") + f", {device}, fp32. "
-        f"Default retrieval heads (no profile): all q heads of draft layers {sorted(profile.draft_heads)} and of "
-        f"target layer {profile.target_layer}.", 110))
+        + (", greedy" if args.temperature == 0 else f", temperature {args.temperature}")
+        + f", {device}, {str(dtype).removeprefix('torch.')}. Default retrieval heads (no profile): all q heads of "
+        f"draft layers {sorted(profile.draft_heads)} and of target layer {profile.target_layer}.", 110))
     rows = compare(draft, target, ids, policies, args, eos_ids=(), decode=tokenizer.decode)
     if not args.json:
         print_table(rows, args.fidelity)
         shown = next((r for r in rows if r["policy"] == "dustin"), rows[0])
         print(f"text ({shown['policy']}, noise): {shown['text'][:90]} ...")
         print(textwrap.fill(
-            "plain: the target alone; dense: speculative decoding with dense verification. Streaming (sink + "
-            "recent) misses the needles and drifts from the target; Dustin's selection keeps them. Timings of "
-            "tiny models only show the mechanics; the speedups need a GPU and long contexts.", 110))
-    return {"demo": True, "random_weights": True, "prompt_tokens": [len(i) for i in ids], "rows": rows}
+            "plain: the target alone; dense: speculative decoding with dense verification."
+            + (" Streaming (sink + recent) misses the needles and drifts from the target; Dustin's selection keeps "
+               "them." if "streaming" in policies else "")
+            + " Timings of small models on a CPU only show the mechanics; the speedups need a GPU and long "
+              "contexts (--device cuda --shape qwen2.5-7b --context 32768 --batch 4 --budget 512).", 110))
+    return {"demo": True, "random_weights": True, "shape": dataclasses.asdict(shape),
+            "prompt_tokens": [len(i) for i in ids], "rows": rows}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dustin_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="tiny random model pair made on the fly; policies side by side")
+    p.add_argument("--demo", action="store_true", help="random model pair made on the fly; policies side by side")
+    p.add_argument("--shape", choices=sorted(PRESETS), help="--demo: the target's attention shape (hidden = q "
+                   "heads x head dim; default 8 q / 2 KV heads of 32)")
+    p.add_argument("--layers", type=int, help="--demo: target layers (default 6; the draft is its first 2)")
+    p.add_argument("--context", type=int, default=1000, help="--demo: tokens of the longest prompt (default 1000)")
+    p.add_argument("--batch", type=int, default=2, help="--demo: prompts, from --context down to 0.7x (default 2)")
     p.add_argument("--target", help="target checkpoint folder")
     p.add_argument("--draft", help="draft checkpoint folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -323,6 +350,8 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens and --gamma must be >= 1")
     if not args.demo and not (args.target and args.draft):
         p.error("--target and --draft are required (or --demo)")
+    if args.demo and (args.layers is not None and args.layers < 3 or args.context < 50 or args.batch < 1):
+        p.error("--demo: --layers must be >= 3 (the draft is the first 2), --context >= 50, --batch >= 1")
     args.policy = list(dict.fromkeys(args.policy or (["plain", *POLICIES] if args.demo else ["dustin"])))
     args.max_new_tokens = args.max_new_tokens or (64 if args.demo else 128)
     try:

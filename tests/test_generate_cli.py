@@ -152,6 +152,20 @@ def test_demo_json(capsys):
     assert rows["dustin"]["fidelity"]["mass_kept"] > 0.99 > 0.5 > rows["streaming"]["fidelity"]["mass_kept"]
 
 
+def test_demo_of_a_preset_shape_and_a_longer_batch(capsys):
+    code, out, err = run_cli(capsys, "--demo", "--shape", "cpu-small", "--layers", 3, "--context", 300, "--batch", 3,
+                             "--max-new-tokens", 8, "--budget", 32, "--policy", "plain", "dense", "dustin", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["shape"] == {"q_heads": 8, "kv_heads": 2, "head_dim": 64, "layers": 3}
+    assert "hidden 512, 8 q / 2 KV heads of 64" in err and "Batch of 3 prompts" in err
+    lengths = result["prompt_tokens"]
+    assert len(lengths) == 3 and lengths[0] > lengths[1] > lengths[2] >= 0.7 * lengths[0] - 20
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert list(rows) == ["plain", "dense", "dustin"] and rows["dense"]["same_as_first"] == 1.0
+    assert rows["dustin"]["kv_fraction"] < 1  # 32 of about 300 history tokens
+
+
 def test_demo_rejects_a_bad_budget_before_decoding(capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(1))
@@ -205,6 +219,7 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--policy", "quest"], "invalid choice: 'quest'"),
     (["--gamma", "0"], "--gamma must be >= 1"),
+    (["--demo", "--layers", "2"], "--layers must be >= 3"),
     ([], "--target and --draft are required"),
 ])
 def test_bad_arguments(capsys, argv, message):

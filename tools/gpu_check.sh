@@ -15,8 +15,10 @@
 #      in DIR/autotune);
 #   3. bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
 #   4. perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
-#      against the default rule and the dense baseline (tools/perf_check.py --gpu).
-# Knobs (environment): TUNE_SECONDS (default 180), JOBS (default min(8, CPUs)), PYTHON (default python3),
+#      against the default rule and the dense baseline (tools/perf_check.py --gpu);
+#   5. e2e (with the time left): generation at 32K on a random model of the Qwen2.5-7B attention shape,
+#      plain / dense / dustin / streaming side by side.
+# Knobs (environment): TUNE_SECONDS (default 150), JOBS (default min(8, CPUs)), PYTHON (default python3),
 # TOTAL_SECONDS (default 470: every step's limit is cut to what is left of it, so the whole run stays
 # under 8 minutes; a step cut short fails and says so).
 set -uo pipefail
@@ -29,7 +31,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$1"
 DIR="$(cd "$1" && pwd)"
 PYTHON="${PYTHON:-python3}"
-TUNE_SECONDS="${TUNE_SECONDS:-180}"
+TUNE_SECONDS="${TUNE_SECONDS:-150}"
 TOTAL_SECONDS="${TOTAL_SECONDS:-470}"
 JOBS="${JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"
 export PYTHONUNBUFFERED=1 DUSTIN_CACHE_DIR="$DIR/cache"
@@ -109,6 +111,11 @@ step bench 150 env DUSTIN_PERF_DB="$DIR/perf_db" "$PYTHON" tools/bench_kernels.p
 
 # --- 4. the perf-regression check on what was just tuned -----------------------------------------
 step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jobs "$JOBS" --json "$DIR/perf_check.json"
+
+# --- 5. end to end, with what time is left: a 12-layer random model of the Qwen2.5-7B attention shape,
+# 4 prompts of 32K tokens (planted needles), the policies side by side (tokens/s, acceptance, KV read) --
+step e2e 120 "$PYTHON" -m dustin_kernels.generate --demo --device cuda --shape qwen2.5-7b --layers 12 \
+    --context 32768 --batch 4 --budget 512 --max-new-tokens 64 --policy plain dense dustin streaming
 
 echo "gpu_check: $([ $FAILED -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - START)) s; results in $DIR" \
     | tee -a "$DIR/summary.txt"
