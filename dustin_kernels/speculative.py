@@ -112,7 +112,7 @@ class Step(NamedTuple):
 
 
 def start(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], max_len: int,
-          policy=Dense(), *, chunk: int = 512) -> tuple[KVCache | None, KVCache, State]:
+          policy=Dense(), *, chunk: int | None = None) -> tuple[KVCache | None, KVCache, State]:
     """Allocate both caches (`max_len` positions) and prefill all but the last prompt token of each
     sequence (the last one becomes `pending`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -272,7 +272,7 @@ class Generation:
 @torch.no_grad()
 def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int] = 64, gamma: int = 4, policy=Dense(), sampler: Sampler = Sampler(),
-             eos_ids: Sequence[int] | None = None, max_len: int | None = None, chunk: int = 512,
+             eos_ids: Sequence[int] | None = None, max_len: int | None = None, chunk: int | None = None,
              progress: bool = False, fidelity: bool = False) -> Generation:
     """Speculative decoding of a batch of token-id prompts (ragged lengths).
 

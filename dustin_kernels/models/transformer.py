@@ -41,12 +41,17 @@ class KVCache:
 
 def causal_attention(q, k_cache, v_cache, seq_lens):
     """Dense causal attention with the ops' contract for long windows (prefill chunks): query t of
-    sequence b sits at `seq_lens[b] - T + t` and sees keys `[0, p_t]`. torch SDPA with an explicit mask;
-    the queries of a KV head are stacked as G*T rows so K/V are never repeated per q head."""
+    sequence b sits at `seq_lens[b] - T + t` and sees keys `[0, p_t]`. torch SDPA: where every window
+    starts at position 0, plain causal attention over GQA heads (`is_causal`, `enable_gqa`: FlashAttention
+    on CUDA in fp16 / bf16, no mask, K/V not repeated); else an explicit mask, the queries of a KV head
+    stacked as G*T rows so K/V are never repeated per q head."""
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     n = int(seq_lens.max())
+    if n == T and int(seq_lens.min()) == T:
+        return F.scaled_dot_product_attention(q, k_cache[:, :, :T], v_cache[:, :, :T], is_causal=True,
+                                              enable_gqa=G > 1)
     pos = seq_lens.long()[:, None] - T + torch.arange(T, device=q.device)  # [B, T]
     mask = torch.arange(n, device=q.device) <= pos[..., None]  # [B, T, n]
     mask = mask[:, None, None].expand(B, 1, G, T, n).reshape(B, 1, G * T, n)
@@ -178,14 +183,18 @@ class Transformer(nn.Module):
         """float32 logits of final-normed hidden states [..., hidden]."""
         return self.lm_head(hidden).float()
 
-    def prefill(self, tokens, lengths, cache: KVCache, *, chunk: int = 512,
+    def prefill(self, tokens, lengths, cache: KVCache, *, chunk: int | None = None,
                 capture: Iterable[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Write the prompts `tokens [B, L]` (right-padded; `lengths int[B]` real tokens, may be 0) to
-        positions [0, L) of an empty cache, `chunk` positions per pass (attention memory is
-        chunk x L, never L x L). Padding is written past a sequence's length, where nothing reads it.
-        Returns (hidden state of each sequence's last real token [B, hidden] (zeros where length 0),
-        {layer: its query [B, Hq, 1, D]} for `capture`)."""
+        positions [0, L) of an empty cache, `chunk` positions per pass (default: one pass on CUDA in
+        fp16 / bf16, where causal attention runs as FlashAttention with memory linear in L; else 512,
+        attention memory chunk x L, never L x L). Padding is written past a sequence's length, where
+        nothing reads it. Returns (hidden state of each sequence's last real token [B, hidden] (zeros
+        where length 0), {layer: its query [B, Hq, 1, D]} for `capture`)."""
         B, L = tokens.shape
+        if chunk is None:
+            flash = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+            chunk = max(L, 1) if flash else 512
         lengths = lengths.long()
         capture = tuple(capture)
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
