@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..ops.verify import dense_verify
 from .config import ModelConfig
@@ -187,14 +188,19 @@ class Transformer(nn.Module):
                 capture: Iterable[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Write the prompts `tokens [B, L]` (right-padded; `lengths int[B]` real tokens, may be 0) to
         positions [0, L) of an empty cache, `chunk` positions per pass (default: one pass on CUDA in
-        fp16 / bf16, where causal attention runs as FlashAttention with memory linear in L; else 512,
-        attention memory chunk x L, never L x L). Padding is written past a sequence's length, where
-        nothing reads it. Returns (hidden state of each sequence's last real token [B, hidden] (zeros
-        where length 0), {layer: its query [B, Hq, 1, D]} for `capture`)."""
+        fp16 / bf16 where a fused SDPA kernel (FlashAttention, cuDNN) takes it, memory linear in L;
+        else 512: attention memory chunk x L, never L x L). Padding is written past a sequence's length,
+        where nothing reads it. Returns (hidden state of each sequence's last real token [B, hidden]
+        (zeros where length 0), {layer: its query [B, Hq, 1, D]} for `capture`)."""
         B, L = tokens.shape
         if chunk is None:
-            flash = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
-            chunk = max(L, 1) if flash else 512
+            if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+                try:
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):  # never the L x L math
+                        return self.prefill(tokens, lengths, cache, chunk=max(L, 1), capture=capture)
+                except RuntimeError:  # no fused kernel for this shape (or out of memory): chunks it is
+                    pass
+            chunk = 512
         lengths = lengths.long()
         capture = tuple(capture)
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
