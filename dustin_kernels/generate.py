@@ -15,9 +15,11 @@ length (tokens per verification: accepted drafts + 1) histogram and mean, new to
 the KV bytes the verification reads against dense verification. --fidelity also measures every sparse
 step against dense verification (`dustin_kernels/fidelity.py`: attention mass kept, its recall of each
 row's top-k mass, attention output error, greedy agreement; same tokens, slower, so no speed figures).
---demo needs no download: it builds a tiny random model pair on the fly and runs plain decoding and
-every policy on the same batch of two prompts (--policy, --max-new-tokens, --gamma, --budget, --m,
---sink, --recent, --seed, --temperature apply).
+--demo needs no download: it builds a random model pair on the fly (tiny by default; --shape,
+--layers for a preset's attention shape) whose heads are rigged to attend to planted needle words,
+and runs plain decoding and every policy (or --policy) on the same batch of --batch prompts of up to
+--context tokens (--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed, --temperature,
+--device, --dtype, --fidelity apply).
 """
 from __future__ import annotations
 
@@ -155,6 +157,7 @@ def run(args) -> dict:
             raise ValueError(f"prompt {b}: {len(p)} tokens + --max-new-tokens {args.max_new_tokens} + --gamma "
                              f"{args.gamma} do not fit the cache of {cap} positions (--max-len; default: the models' "
                              "max_position_embeddings)")
+
     def decode(tokens):
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -352,6 +355,8 @@ def main(argv=None) -> int:
         p.error("--target and --draft are required (or --demo)")
     if args.demo and (args.layers is not None and args.layers < 3 or args.context < 50 or args.batch < 1):
         p.error("--demo: --layers must be >= 3 (the draft is the first 2), --context >= 50, --batch >= 1")
+    if args.demo and args.profile:
+        p.error("--profile: the --demo models are made on the fly; they use the default retrieval heads")
     args.policy = list(dict.fromkeys(args.policy or (["plain", *POLICIES] if args.demo else ["dustin"])))
     args.max_new_tokens = args.max_new_tokens or (64 if args.demo else 128)
     try:
