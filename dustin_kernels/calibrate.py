@@ -41,9 +41,10 @@ def haystacks(vocab: int, length: int, samples: int, g: torch.Generator):
 
 
 @torch.no_grad()
-def window_queries(model: Transformer, ids, start, rows: int, chunk: int = 512):
-    """Prefill ids[b, :start[b]], then one dense pass over ids[b, start[b] : start[b] + rows] capturing
-    every layer's queries; returns (cache, {layer: q [B, Hq, rows, D]})."""
+def window_queries(model: Transformer, ids, start, rows: int, chunk: int | None = None):
+    """Prefill ids[b, :start[b]] (`chunk` as in `Transformer.prefill`), then one dense pass over
+    ids[b, start[b] : start[b] + rows] capturing every layer's queries; returns (cache, {layer: q
+    [B, Hq, rows, D]})."""
     B = ids.shape[0]
     cache = model.new_cache(B, int(start.max()) + rows)
     model.prefill(ids[:, : int(start.max())], start, cache, chunk=chunk)
