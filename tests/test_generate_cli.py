@@ -88,11 +88,14 @@ def test_generate_compares_policies_in_one_run(pair, capsys):
     assert "same as plain" in out and "mass kept" in out and out.count("\n") < 12  # one table
 
 
+def run_calibrate(pair, out_file, *argv) -> int:
+    return calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
+                           "--length", "192", "--samples", "2", "--heads", "2", "--device", "cpu", *map(str, argv)])
+
+
 def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
     out_file = tmp_path / "profile.json"
-    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
-                           "--length", "192", "--samples", "2", "--budget", "24", "--heads", "2", "--trials", "4",
-                           "--gamma", "3", "--device", "cpu"])
+    code = run_calibrate(pair, out_file, "--budget", 24, "--trials", 4, "--gamma", 3)
     assert code == 0, capsys.readouterr().err
     profile = json.loads(out_file.read_text())
     assert profile["format"] == "dustin-profile/1"
@@ -114,9 +117,7 @@ def test_calibrate_then_generate_with_profile(pair, capsys, tmp_path):
 def test_calibrate_stops_when_every_draft_layer_is_chosen(pair, capsys, tmp_path):
     """--draft-layers above the draft's depth (2 here) takes at most every layer, instead of crashing."""
     out_file = tmp_path / "profile.json"
-    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out_file),
-                           "--length", "192", "--samples", "2", "--budget", "64", "--heads", "2", "--trials", "2",
-                           "--draft-layers", "5", "--device", "cpu"])
+    code = run_calibrate(pair, out_file, "--budget", 64, "--trials", 2, "--draft-layers", 5)
     assert code == 0, capsys.readouterr().err
     assert 1 <= len(json.loads(out_file.read_text())["draft_heads"]) <= 2
 
