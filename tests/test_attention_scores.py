@@ -60,51 +60,58 @@ def test_torch_matches_reference(dtype, head_dim, group, window, block_size, hea
     _check(out, q, k, seq_lens, heads, block_size)
 
 
-TRITON_CASES = [  # pairwise over dtype, D, G, T, block size, heads and lengths (the interpreter is slow)
-    ("fp32", 64, 1, 1, 1, "all", "short"),
-    ("fp16", 80, 4, 5, 16, "subset", "long"),
-    ("bf16", 128, 8, 5, 1, "subset", "short"),
-    ("bf16", 64, 4, 1, 16, "all", "long"),
-    ("fp32", 80, 8, 1, 16, "all", "short"),
-    ("fp16", 128, 1, 5, 1, "all", "long"),
-    ("fp32", 128, 4, 5, 16, "uneven", "short"),
-    ("bf16", 80, 1, 16, 1, "all", "short"),
-    ("fp16", 64, 8, 5, 128, "all", "long"),
-    ("bf16", 64, 8, 5, 16, "uneven", "long"),
+TRITON_CASES = [  # pairwise over dtype, D, G, T, block size, heads, lengths, ONE_PASS (the interpreter is slow)
+    ("fp32", 64, 1, 1, 1, "all", "short", 0),
+    ("fp16", 80, 4, 5, 16, "subset", "long", 1),
+    ("bf16", 128, 8, 5, 1, "subset", "short", 1),
+    ("bf16", 64, 4, 1, 16, "all", "long", 0),
+    ("fp32", 80, 8, 1, 16, "all", "short", 1),
+    ("fp16", 128, 1, 5, 1, "all", "long", 1),
+    ("fp32", 128, 4, 5, 16, "uneven", "short", 1),
+    ("bf16", 80, 1, 16, 1, "all", "short", 0),
+    ("fp16", 64, 8, 5, 128, "all", "long", 0),  # ONE_PASS needs LSE_BLOCK_N (32 here) to hold whole blocks
+    ("bf16", 64, 8, 5, 16, "uneven", "long", 1),
 ]
 
 
-@pytest.mark.parametrize("dtype, head_dim, group, window, block_size, heads, lengths", TRITON_CASES,
-                         ids=[f"{c[0]}-D{c[1]}-G{c[2]}-T{c[3]}-bs{c[4]}-{c[5]}-{c[6]}" for c in TRITON_CASES])
-def test_triton_matches_reference(dtype, head_dim, group, window, block_size, heads, lengths):
+@pytest.mark.parametrize("dtype, head_dim, group, window, block_size, heads, lengths, one_pass", TRITON_CASES,
+                         ids=[f"{c[0]}-D{c[1]}-G{c[2]}-T{c[3]}-bs{c[4]}-{c[5]}-{c[6]}-onepass{c[7]}"
+                              for c in TRITON_CASES])
+def test_triton_matches_reference(dtype, head_dim, group, window, block_size, heads, lengths, one_pass):
     q, k, seq_lens = _problem(dtype, head_dim, group, window, lengths)
     heads = _heads(heads, q.shape[1], group)
-    out = attention_scores(q, k, seq_lens, heads=heads, block_size=block_size, backend="triton")
+    spec = KernelSpec("attention_scores", "interp", dtype, head_dim, group, window, block_size)
+    config = {**scores.default_config(spec, batch=len(seq_lens), context=k.shape[2]), "ONE_PASS": one_pass}
+    with dispatch.override(config, kernel="attention_scores"):
+        out = attention_scores(q, k, seq_lens, heads=heads, block_size=block_size, backend="triton")
     _check(out, q, k, seq_lens, heads, block_size)
 
 
+@pytest.mark.parametrize("one_pass", [0, 1], ids=lambda v: f"onepass{v}")
 @pytest.mark.parametrize("config", [
     {"LSE_BLOCK_N": 16, "NUM_SPLITS": 8, "BLOCK_N": 16},  # more splits than tiles: empty splits
     {"LSE_BLOCK_N": 64, "NUM_SPLITS": 1, "BLOCK_N": 128},
-], ids=["splits8-tiles16", "splits1-tiles128"])
-def test_triton_launch_configs(config):
+    {"LSE_BLOCK_N": 128, "NUM_SPLITS": 2, "BLOCK_N": 32},  # block_scores tiles inside one row_lse tile
+], ids=["splits8-tiles16", "splits1-tiles128", "lse128-tiles32"])
+def test_triton_launch_configs(config, one_pass):
     q, k, seq_lens = _problem("fp32", 64, 4, 5)
     heads = _heads("uneven", q.shape[1], 4)
-    config = {**config, "lse_num_warps": 4, "lse_num_stages": 1, "num_warps": 4, "num_stages": 1}
+    config = {**config, "lse_num_warps": 4, "lse_num_stages": 1, "num_warps": 4, "num_stages": 1,
+              "ONE_PASS": one_pass}
     with dispatch.override(config, kernel="attention_scores"):
         out = attention_scores(q, k, seq_lens, heads=heads, block_size=16, backend="triton")
     _check(out, q, k, seq_lens, heads, 16)
 
 
-@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("arch, one_pass", [("sm80", 0), ("sm90", 0), ("sm90", 1)])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])  # the interpreter computes bf16 wrongly without upcasts
-def test_gpu_flavours_in_interpreter(arch, dtype, monkeypatch):
+def test_gpu_flavours_in_interpreter(arch, one_pass, dtype, monkeypatch):
     """The sm80 / sm90 renderings (their own dot orientation, D chunks, tf32x3) run in the interpreter."""
     monkeypatch.setattr(dispatch, "arch_for", lambda device: arch)
     q, k, seq_lens = _problem(dtype, 80, 4, 5, "long")
     heads = _heads("uneven", q.shape[1], 4)
     config = {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
-              "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+              "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "ONE_PASS": one_pass}
     with dispatch.override(config, kernel="attention_scores"):
         out = attention_scores(q, k, seq_lens, heads=heads, block_size=16, backend="triton")
     _check(out, q, k, seq_lens, heads, 16)

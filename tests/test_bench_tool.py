@@ -68,9 +68,9 @@ def test_bench_floors(bench, tmp_path):
     assert by_kernel["dense_verify", "torch"]["bytes"] == by_kernel["dense_verify", "sdpa"]["bytes"] == dense
     assert by_kernel["sparse_verify", "torch"]["bytes"] == sparse
     assert by_kernel["sparse_verify", "torch"]["ideal_ratio"] == pytest.approx(100 / 32)
-    # target estimation: heads 0, 2, 4, 6 use KV heads 0 and 1; two passes over 101 keys; one row each
+    # target estimation: heads 0, 2, 4, 6 use KV heads 0 and 1; 101 keys read once; one row each
     assert by_kernel["attention_scores[target]", "torch"]["bytes"] == (
-        2 * 101 * 2 * 64 * 4 + 4 * 64 * 4 + 4 * 112 + 4)
+        101 * 2 * 64 * 4 + 4 * 64 * 4 + 4 * 112 + 4)
 
 
 def test_bench_rejects_a_budget_below_sink_and_recent(bench, tmp_path):

@@ -47,6 +47,23 @@ def test_three_ops_match_reference(Hq, Hkv, D, T, bs, dtype):
     _close(out, ref.sparse_verify(q, k, v, seq_lens, idx, count, block_size=bs), dtype)
 
 
+@pytest.mark.parametrize("Hq, Hkv, D, T, bs", [(64, 8, 128, 1, 1), (14, 2, 64, 5, 1), (28, 4, 80, 5, 16)],
+                         ids=lambda x: str(x))
+def test_attention_scores_one_pass(Hq, Hkv, D, T, bs):
+    """ONE_PASS (per-block sums rescaled instead of a second read of K), compiled, at model shapes."""
+    from dustin_kernels import dispatch
+    from dustin_kernels.ops import scores as ops_scores
+    from dustin_kernels.spec import KernelSpec
+
+    q, k, v, seq_lens = _problem(Hq, Hkv, D, T, torch.bfloat16)
+    heads = [0, Hq // 4, Hq // 2, 3 * Hq // 4]
+    spec = KernelSpec("attention_scores", dispatch.arch_for(q.device), "bf16", D, 1, T, bs)
+    config = {**ops_scores.default_config(spec, batch=3, context=k.shape[2]), "ONE_PASS": 1}
+    with dispatch.override(config, kernel="attention_scores"):
+        scores = attention_scores(q, k, seq_lens, heads=heads, block_size=bs, backend="triton")
+    _close(scores, ref.attention_scores(q, k, seq_lens, heads=heads, block_size=bs), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
 def test_dense_and_paged_match_reference(dtype):
     q, k, v, seq_lens = _problem(64, 8, 128, 5, dtype)

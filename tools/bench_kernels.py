@@ -71,9 +71,10 @@ FLOORS = {  # what each row's `bytes` counts: reads and writes once, no split-KV
                      "rows, the used idx entries, count, seq_lens, the output",
     "dense_verify": "q, every valid K/V row (seq_lens), seq_lens, the output; the same for every provider "
                     "(the SDPA mask and FlashInfer's page table are not counted)",
-    "attention_scores": "the valid K rows of the KV heads that the chosen q-heads use, twice, as the kernel "
-                        "reads them (row log-sum-exp pass, then probability pass), the chosen q rows, seq_lens, "
-                        "the float32 [B, ceil(N_max / block_size)] output",
+    "attention_scores": "the valid K rows of the KV heads that the chosen q-heads use, once (the two-pass "
+                        "kernel reads them twice: at most 50% of this floor's bandwidth; ONE_PASS reads them once "
+                        "and adds 8 bytes per row and block), the chosen q rows, seq_lens, the float32 "
+                        "[B, ceil(N_max / block_size)] output",
     "select_tokens": "both float32 score rows over the history blocks once, seq_lens, idx, count",
 }
 FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batch", "context", "budget",
@@ -194,8 +195,8 @@ def verify_floor(shape, batch: int, window: int, kv_rows: int, esize: int, index
 
 
 def scores_floor(shape, heads, rows: int, keys: int, batch: int, out_cols: int, esize: int) -> int:
-    """Two passes over the used KV heads' valid keys + the chosen q rows + the float32 output."""
-    k = 2 * keys * used_kv_heads(heads, shape) * shape.head_dim * esize
+    """The used KV heads' valid keys once + the chosen q rows + the float32 output."""
+    k = keys * used_kv_heads(heads, shape) * shape.head_dim * esize
     return k + batch * len(heads) * rows * shape.head_dim * esize + 4 * batch * out_cols + 4 * batch
 
 

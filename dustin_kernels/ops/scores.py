@@ -40,11 +40,15 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
     - row_lse: LSE_BLOCK_N 64, lse_num_warps 4 (8 when rows * D > 32 * 128), lse_num_stages 3
       (2 when D >= 256); fp32 (a tf32x3 dot, twice the operand registers): LSE_BLOCK_N 16, 4 warps, 2 stages;
     - block_scores: BLOCK_N max(64, block_size) (fp32: max(32, block_size)), num_warps 8,
-      num_stages 1 (its loop runs over the few used KV heads; nothing to pipeline).
+      num_stages 1 (its loop runs over the few used KV heads; nothing to pipeline);
+    - ONE_PASS 0: block_scores reads K again, the rule measured on an H200. ONE_PASS 1 (row_lse also
+      stores per-block sums, 4 bytes per row and block, that block_scores rescales instead of reading
+      K) moves fewer bytes when rows * 8 / block_size < head_dim * itemsize, but is not yet measured:
+      the tuner tries both (`autotune/attention_scores.json`).
     """
     if spec.arch == "interp":
         return {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
-                "BLOCK_N": max(32, spec.block_size), "num_warps": 4, "num_stages": 1}
+                "BLOCK_N": max(32, spec.block_size), "num_warps": 4, "num_stages": 1, "ONE_PASS": 0}
     rows = max(16, next_pow2(spec.group * spec.window))
     block_d = next_pow2(spec.head_dim)
     fp32 = spec.dtype == "fp32"
@@ -55,7 +59,7 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
     return {"LSE_BLOCK_N": lse_block_n, "NUM_SPLITS": splits,
             "lse_num_warps": 8 if rows * block_d > 32 * 128 and not fp32 else 4,
             "lse_num_stages": 2 if fp32 or block_d >= 256 else 3,
-            "BLOCK_N": max(32 if fp32 else 64, spec.block_size), "num_warps": 8, "num_stages": 1}
+            "BLOCK_N": max(32 if fp32 else 64, spec.block_size), "num_warps": 8, "num_stages": 1, "ONE_PASS": 0}
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,24 +124,31 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
                       head_dim=D, group=table.shape[1] - 1, window=T, block_size=block_size)
     mod = codegen.load(spec)
     config = dispatch.config_for(spec, B, N, default_config, q.device)  # context: N_max (lengths stay on device)
-    splits, block_n = config["NUM_SPLITS"], config["BLOCK_N"]
-    if block_n % block_size:
-        raise ValueError(f"config: BLOCK_N={block_n} must be a multiple of block_size={block_size}")
+    splits, block_n, lse_block_n, one_pass = (config[k] for k in ("NUM_SPLITS", "BLOCK_N", "LSE_BLOCK_N", "ONE_PASS"))
+    for name in ("BLOCK_N", "LSE_BLOCK_N") if one_pass else ("BLOCK_N",):  # ONE_PASS sums blocks per row_lse tile
+        if config[name] % block_size:
+            raise ValueError(f"config: {name}={config[name]} must be a multiple of block_size={block_size}")
     partial_m = torch.empty(B, n_used, splits, mod.BLOCK_R.value, dtype=torch.float32, device=q.device)
     partial_l = torch.empty_like(partial_m)
     n_out = math.ceil(N / block_size)
+    n_tiles = math.ceil(N / lse_block_n)
+    if one_pass:  # per-block sums of each row, and each row's max per row_lse tile
+        sums = torch.empty(B, n_used, mod.ROWS.value, n_out, dtype=torch.float32, device=q.device)
+        tile_max = torch.empty(B, n_used, n_tiles, mod.BLOCK_R.value, dtype=torch.float32, device=q.device)
+    else:
+        sums = tile_max = partial_m  # not read
     out = torch.empty(B, n_out, dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k_cache.stride())
     qk_scale = scale * LOG2E
     seq_lens = seq_lens.contiguous()
     mod.row_lse[(B, n_used, splits)](
-        q, k_cache, seq_lens, table, partial_m, partial_l, *strides, qk_scale,
-        BLOCK_N=config["LSE_BLOCK_N"], NUM_SPLITS=splits,
+        q, k_cache, seq_lens, table, partial_m, partial_l, sums, tile_max, n_out, n_tiles, *strides, qk_scale,
+        BLOCK_N=lse_block_n, NUM_SPLITS=splits, ONE_PASS=bool(one_pass),
         num_warps=config["lse_num_warps"], num_stages=config["lse_num_stages"])
     mod.block_scores[(B, math.ceil(N / block_n))](
-        q, k_cache, seq_lens, table, partial_m, partial_l, out, n_out, *strides, out.stride(0), qk_scale,
-        N_USED=n_used, BLOCK_N=block_n, NUM_SPLITS=splits,
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        q, k_cache, seq_lens, table, partial_m, partial_l, sums, tile_max, out, n_out, n_tiles, *strides,
+        out.stride(0), qk_scale, N_USED=n_used, BLOCK_N=block_n, NUM_SPLITS=splits, ONE_PASS=bool(one_pass),
+        LSE_BLOCK_N=lse_block_n, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
 
@@ -166,11 +177,12 @@ def aot_kernels(spec: KernelSpec, config: dict) -> list:
     mod = codegen.load(spec)
     ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}[spec.dtype]
     types = {"q_ptr": ptr, "k_ptr": ptr, "seq_lens_ptr": "*i32", "table_ptr": "*i32", "m_ptr": "*fp32",
-             "l_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
+             "l_ptr": "*fp32", "p_ptr": "*fp32", "mt_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
     rows = ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kn")
-    common = {"stride_qd": 1, "stride_kd": 1, "NUM_SPLITS": config["NUM_SPLITS"]}
+    common = {"stride_qd": 1, "stride_kd": 1, "NUM_SPLITS": config["NUM_SPLITS"], "ONE_PASS": bool(config["ONE_PASS"])}
     kernels = ((mod.row_lse, {**common, "BLOCK_N": config["LSE_BLOCK_N"]}, "lse_num_warps", "lse_num_stages"),
-               (mod.block_scores, {**common, "BLOCK_N": config["BLOCK_N"], "N_USED": 2}, "num_warps", "num_stages"))
+               (mod.block_scores, {**common, "BLOCK_N": config["BLOCK_N"], "N_USED": 2,
+                                   "LSE_BLOCK_N": config["LSE_BLOCK_N"]}, "num_warps", "num_stages"))
     return [AotKernel(fn, {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names},
                       constexprs, config[warps], config[stages], aligned=rows)
             for fn, constexprs, warps, stages in kernels]
