@@ -159,6 +159,14 @@ def test_sweep_seeds_first_and_exhausts_a_small_space():
     assert outcome.best()[0].config == TRUE_BEST
 
 
+def test_every_algorithm_switch_of_the_default_is_a_seed():
+    from dustin_kernels.autotune.tuner import _switches_flipped
+
+    params = {"BLOCK_N": [16, 32, 64], "ONE_PASS": [0, 1], "MODE": ["a", "b"]}
+    default = {"BLOCK_N": 32, "ONE_PASS": 0, "MODE": "b"}
+    assert _switches_flipped(default, params) == [{**default, "ONE_PASS": 1}, {**default, "MODE": "a"}]
+
+
 def test_the_seeds_are_measured_alone_first():
     batches = []
 

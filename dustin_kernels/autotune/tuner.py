@@ -117,6 +117,13 @@ def _seeds(doc: dict | None, key: str) -> list:
     return [config for _, _, config in sorted(near)][:5]
 
 
+def _switches_flipped(config: dict, params: dict) -> list:
+    """`config` with each two-valued parameter (an algorithm switch, e.g. ONE_PASS) flipped: one seed
+    each, so that a short run measures every algorithm at least once."""
+    return [{**config, name: next(v for v in values if v != config[name])}
+            for name, values in params.items() if len(values) == 2]
+
+
 class Tuner:
     def __init__(self, options: Options):
         self.o = options
@@ -159,7 +166,7 @@ class Tuner:
         candidates = kernel_space.enumerate_configs(space.variables(spec, batch, context))
         path = perf_db.path_for(o.out, spec.kernel, self.arch, self.slug)
         doc = perf_db.read(path) if path.exists() else None
-        seeds = _seeds(doc, key) + [default_config]
+        seeds = _seeds(doc, key) + [default_config] + _switches_flipped(default_config, kernel_space.params)
         print(f"{key}: {w.label()}; {len(candidates)} candidates of {kernel_space.size}", flush=True)
 
         first = True
