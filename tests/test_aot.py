@@ -21,3 +21,29 @@ def test_default_configs_compile_without_spills(kernel, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for r in rows:
         assert not r["error"] and r["spill_bytes"] == 0 and r["registers"] > 0, r
+
+
+ONE_PASS_AOT = """
+import json, sys
+from dustin_kernels import aot
+from dustin_kernels.ops import scores
+from dustin_kernels.spec import KernelSpec
+rows = []
+for arch in ("sm80", "sm90"):
+    for d, g, t, bs in [(128, 1, 1, 1), (64, 2, 5, 1), (128, 4, 5, 16)]:  # estimate, lookahead, blocks
+        spec = KernelSpec("attention_scores", arch, "bf16", d, g, t, bs)
+        config = {**scores.default_config(spec, batch=16, context=32768), "ONE_PASS": 1}
+        rows += [r.__dict__ for r in aot.check(spec, config, scores.aot_kernels)]
+json.dump(rows, sys.stdout)
+"""
+
+
+def test_attention_scores_one_pass_compiles_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DUSTIN_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", ONE_PASS_AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert len(rows) == 12
+    for r in rows:
+        assert not r["error"] and r["spill_bytes"] == 0 and r["registers"] > 0, r

@@ -69,7 +69,7 @@ TRITON_CASES = [  # pairwise over dtype, D, G, T, block size, heads, lengths, ON
     ("fp16", 128, 1, 5, 1, "all", "long", 1),
     ("fp32", 128, 4, 5, 16, "uneven", "short", 1),
     ("bf16", 80, 1, 16, 1, "all", "short", 0),
-    ("fp16", 64, 8, 5, 128, "all", "long", 0),  # ONE_PASS needs LSE_BLOCK_N (32 here) to hold whole blocks
+    ("fp16", 64, 8, 5, 128, "all", "long", 1),
     ("bf16", 64, 8, 5, 16, "uneven", "long", 1),
 ]
 
@@ -81,10 +81,38 @@ def test_triton_matches_reference(dtype, head_dim, group, window, block_size, he
     q, k, seq_lens = _problem(dtype, head_dim, group, window, lengths)
     heads = _heads(heads, q.shape[1], group)
     spec = KernelSpec("attention_scores", "interp", dtype, head_dim, group, window, block_size)
-    config = {**scores.default_config(spec, batch=len(seq_lens), context=k.shape[2]), "ONE_PASS": one_pass}
+    config = scores.default_config(spec, batch=len(seq_lens), context=k.shape[2])
+    # ONE_PASS sums whole blocks per row_lse tile: LSE_BLOCK_N a multiple of the block size
+    config |= {"ONE_PASS": one_pass, "LSE_BLOCK_N": max(config["LSE_BLOCK_N"], block_size)}
     with dispatch.override(config, kernel="attention_scores"):
         out = attention_scores(q, k, seq_lens, heads=heads, block_size=block_size, backend="triton")
     _check(out, q, k, seq_lens, heads, block_size)
+
+
+# the interpreter also evaluates exp2 on lanes that tl.where then discards: numpy warns of their inf
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("one_pass", [0, 1], ids=lambda v: f"onepass{v}")
+def test_rows_whose_scores_are_all_very_negative(one_pass):
+    """Every visible key of a row scores below -88 (natural log): exp2 of -lse overflows in fp32, and
+    ONE_PASS must still give exact zeros past seq_len and the reference elsewhere (no 0 * inf)."""
+    g = torch.Generator().manual_seed(0)
+    q = -4 * torch.ones(2, 4, 2, 64)
+    k = 4 * torch.ones(2, 2, 112, 64) + 0.1 * torch.randn(2, 2, 112, 64, generator=g)
+    seq_lens = torch.tensor([65, 100], dtype=torch.int32)
+    config = {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1, "BLOCK_N": 64,
+              "num_warps": 4, "num_stages": 1, "ONE_PASS": one_pass}
+    with dispatch.override(config, kernel="attention_scores"):
+        out = attention_scores(q, k, seq_lens, heads=[0, 3], block_size=16, backend="triton")
+    assert torch.isfinite(out).all()
+    _check(out, q, k, seq_lens, [0, 3], 16)
+
+
+def test_one_pass_needs_whole_blocks_per_row_lse_tile():
+    q, k, seq_lens = _problem("fp32", 64, 1, 1)
+    config = {"LSE_BLOCK_N": 16, "NUM_SPLITS": 1, "lse_num_warps": 4, "lse_num_stages": 1, "BLOCK_N": 32,
+              "num_warps": 4, "num_stages": 1, "ONE_PASS": 1}
+    with dispatch.override(config, kernel="attention_scores"), pytest.raises(ValueError, match="LSE_BLOCK_N=16"):
+        attention_scores(q, k, seq_lens, block_size=32, backend="triton")
 
 
 @pytest.mark.parametrize("one_pass", [0, 1], ids=lambda v: f"onepass{v}")

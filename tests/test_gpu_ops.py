@@ -57,7 +57,8 @@ def test_attention_scores_one_pass(Hq, Hkv, D, T, bs):
 
     q, k, v, seq_lens = _problem(Hq, Hkv, D, T, torch.bfloat16)
     heads = [0, Hq // 4, Hq // 2, 3 * Hq // 4]
-    spec = KernelSpec("attention_scores", dispatch.arch_for(q.device), "bf16", D, 1, T, bs)
+    group = max(sum(h // (Hq // Hkv) == kv for h in heads) for kv in range(Hkv))  # selected heads per KV head
+    spec = KernelSpec("attention_scores", dispatch.arch_for(q.device), "bf16", D, group, T, bs)
     config = {**ops_scores.default_config(spec, batch=3, context=k.shape[2]), "ONE_PASS": 1}
     with dispatch.override(config, kernel="attention_scores"):
         scores = attention_scores(q, k, seq_lens, heads=heads, block_size=bs, backend="triton")
