@@ -23,10 +23,10 @@ def test_default_configs_compile_without_spills(kernel, tmp_path):
         assert not r["error"] and r["spill_bytes"] == 0 and r["registers"] > 0, r
 
 
-ONE_PASS_AOT = """
+SWITCHES_AOT = """
 import json, sys
 from dustin_kernels import aot
-from dustin_kernels.ops import scores
+from dustin_kernels.ops import scores, verify
 from dustin_kernels.spec import KernelSpec
 rows = []
 for arch in ("sm80", "sm90"):
@@ -34,16 +34,21 @@ for arch in ("sm80", "sm90"):
         spec = KernelSpec("attention_scores", arch, "bf16", d, g, t, bs)
         config = {**scores.default_config(spec, batch=16, context=32768), "ONE_PASS": 1}
         rows += [r.__dict__ for r in aot.check(spec, config, scores.aot_kernels)]
+    for d, g, t in [(128, 8, 5), (64, 7, 5)]:  # the headline verification shapes
+        spec = KernelSpec("sparse_verify", arch, "bf16", d, g, t, 1)
+        config = {**verify.default_config(spec, batch=16, context=512), "HALF_PARTIALS": 1, "num_splits": 2}
+        rows += [r.__dict__ for r in aot.check(spec, config, verify.aot_kernels)]
 json.dump(rows, sys.stdout)
 """
 
 
-def test_attention_scores_one_pass_compiles_without_spills(tmp_path):
+def test_algorithm_switches_compile_without_spills(tmp_path):
+    """attention_scores ONE_PASS and sparse_verify HALF_PARTIALS (not in the default rules yet) for sm80 / sm90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DUSTIN_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", ONE_PASS_AOT], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", SWITCHES_AOT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert len(rows) == 12
+    assert len(rows) == 2 * (3 * 2 + 2 * 2)
     for r in rows:
         assert not r["error"] and r["spill_bytes"] == 0 and r["registers"] > 0, r

@@ -239,25 +239,39 @@ class _FakeProblem:
         return "" if out == expected else "differs"
 
 
-def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path, monkeypatch):
-    import triton.language  # noqa: F401  (first imported under the interpreter: tl's own jit helpers stay interpreted)
-
+def prepare_with_a_fake_problem(task: dict) -> dict:
+    """`measure.prepare_one` (AOT compile for real) with `_FakeProblem` as the correctness run."""
     from dustin_kernels.autotune import measure
 
-    monkeypatch.delenv("TRITON_INTERPRET")  # AOT compiles real GPU code (this spec is loaded only here)
-    monkeypatch.setattr(measure._Worker, "problem", classmethod(lambda cls, w, d: (_FakeProblem(), "out")))
+    measure._Worker.problem = classmethod(lambda cls, w, d: (_FakeProblem(), "out"))
+    return measure.prepare_one(task)
+
+
+def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path, monkeypatch):
+    """In worker processes (this one imported Triton in interpreter mode, which real compiles reject)."""
+    from dustin_kernels.autotune import measure
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the workers compile real GPU code
     w = Workload("sparse", 8, 2, 64, "bf16", 2, 1, 2, 96, budget=32)
     spec = w.dispatch_key("sm80")[0]
-    good = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "num_splits": 1}
+    good = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
     bad = {**good, "BLOCK_N": 24}  # not a power of two: tl.arange refuses it
-    prepare = measure.Preparer(torch.device("cpu"), "sm80", use_aot=True, cache=tmp_path / "verdicts.json")
-    first = prepare(w, spec, [good, bad])
-    assert [r["status"] for r in first] == ["ok", "compile"]
+
+    def prepare(configs):
+        preparer = measure.Preparer(torch.device("cpu"), "sm80", jobs=2, use_aot=True,
+                                    cache=tmp_path / "verdicts.json", prepare_fn=prepare_with_a_fake_problem)
+        try:
+            return preparer(w, spec, configs)
+        finally:
+            preparer.close()
+
+    first = prepare([good, bad])
+    assert [r["status"] for r in first] == ["ok", "compile"], first
     assert first[0]["detail"]["aot"]["registers"] > 0 and "BLOCK_N" not in first[0]["detail"]
     assert first[1]["detail"]["aot"]["error"]
-    monkeypatch.setattr(measure, "aot_verdict", lambda *a: pytest.fail("verdict not taken from the cache"))
-    again = measure.Preparer(torch.device("cpu"), "sm80", use_aot=True, cache=tmp_path / "verdicts.json")
-    assert [r["status"] for r in again(w, spec, [good, bad])] == ["ok", "compile"]
+    again = prepare([good, bad])  # verdicts from the cache: no compile this time
+    assert [r["status"] for r in again] == ["ok", "compile"] and "aot_s" not in again[0]["detail"]
+    assert again[0]["detail"]["aot"] == first[0]["detail"]["aot"]
 
 
 def troublesome_prepare(task: dict) -> dict:
@@ -460,7 +474,8 @@ def test_perf_check_compiles_stored_configs(tmp_path):
     from test_perf_db import make_doc, make_entry
 
     uri = KernelSpec("sparse_verify", "sm80", "bf16", head_dim=64, group=4, window=2).uri()
-    bad = make_entry({"BLOCK_N": 24, "num_warps": 4, "num_stages": 1, "num_splits": 1})  # not a power of two
+    bad = make_entry({"BLOCK_N": 24, "num_warps": 4, "num_stages": 1, "num_splits": 1,  # not a power of two
+                      "HALF_PARTIALS": 0})
     db = tmp_path / "db"
     perf_db.write(perf_db.path_for(db, "sparse_verify", "sm80", "nvidia_a100_sxm4_80gb"),
                   make_doc(entries={f"{uri}|b2|c32": bad}, arch="sm80", device="nvidia_a100_sxm4_80gb"))

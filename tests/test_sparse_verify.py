@@ -194,7 +194,7 @@ def test_paged_equals_contiguous(backend, bs, page_size, dtype):
 
 @pytest.mark.parametrize("variant", ["", "dense", "paged"], ids=["indexed", "dense", "paged"])
 def test_split_kv_equals_unsplit(variant):
-    q, k, v, seq_lens = make_inputs([200, 23], group=4, window=5, head_dim=64)
+    q, k, v, seq_lens = make_inputs([200, 23], group=4, window=5, head_dim=64)  # fp32: HALF_PARTIALS is fp16/bf16
     idx, count = select(seq_lens, 5, 1, width=150, fraction=0.7)
     k_pages, v_pages, table = paged(k, v, seq_lens, 16)
 
@@ -208,7 +208,7 @@ def test_split_kv_equals_unsplit(variant):
 
     results = {}
     for splits in (1, 2, 3, 13):  # 13 > the tiles of the short sequence: some splits are empty
-        config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": splits}
+        config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": splits, "HALF_PARTIALS": 0}
         with dispatch.override(config, kernel="sparse_verify"):
             results[splits] = run()
     expected = (ref.dense_attention(q, k, v, seq_lens) if variant == "dense"
@@ -217,6 +217,27 @@ def test_split_kv_equals_unsplit(variant):
         assert_close(out, expected, torch.float32)
         torch.testing.assert_close(out, results[1][0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(lse, results[1][1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_partials(dtype):
+    """HALF_PARTIALS: the splits' partial outputs in q's dtype, merged in fp32; the result stays within the
+    dtype's tolerance of the reference and within one rounding of the fp32 workspace."""
+    q, k, v, seq_lens = make_inputs([200, 23], group=4, window=5, head_dim=64, dtype=DTYPES[dtype])
+    idx, count = select(seq_lens, 5, 1, width=150, fraction=0.7)
+    results = {}
+    for half in (0, 1):
+        config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": 3, "HALF_PARTIALS": half}
+        with dispatch.override(config, kernel="sparse_verify"):
+            results[half] = sparse_verify(q, k, v, seq_lens, idx, count, return_lse=True, backend="triton")
+    expected = ref.sparse_verify(q, k, v, seq_lens, idx, count)
+    for out, _ in results.values():
+        assert out.dtype == DTYPES[dtype]
+        assert_close(out, expected, DTYPES[dtype])
+    torch.testing.assert_close(results[1][1], results[0][1])  # the LSE stays fp32
+    eps = torch.finfo(DTYPES[dtype]).eps
+    diff = (results[1][0].float() - results[0][0].float()).abs()
+    assert diff.max() <= 4 * eps * results[0][0].float().abs().max()
 
 
 @pytest.mark.parametrize("backend, dtype, bs", [
@@ -258,7 +279,8 @@ def test_torch_backend_chunks_long_histories(monkeypatch):
 def test_default_config_rule():
     spec = KernelSpec("sparse_verify", "sm90", "bf16", head_dim=128, group=8, window=5)
     cfg = verify.default_config(spec, batch=16, context=512, kv_heads=8)
-    assert cfg == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 2}  # one wave: ceil(132 / 128)
+    assert cfg == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 2,  # one wave: ceil(132 / 128)
+                   "HALF_PARTIALS": 0}
     assert verify.default_config(spec, batch=1, context=131072, kv_heads=8)["num_splits"] == 17
     sm80 = KernelSpec("sparse_verify", "sm80", "bf16", head_dim=128, group=8, window=5)
     assert verify.default_config(sm80, batch=1, context=131072, kv_heads=8)["num_splits"] == 27  # two waves

@@ -43,7 +43,10 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
       interpreter), clamped to [1, ceil(context / BLOCK_N)]; one wave on sm90, measured on an H200 at
       the Qwen2.5-72B shape, batch 16, budget 512 (tools/results/h200-sweep): 2 splits 29.6 us, 3 splits
       (two waves) 43.7 us, 4 / 8 / 16 splits 44-80 us: the merge pass costs more than the extra programs
-      gain. Two waves on sm80 (not measured; one split spills 8 B at the 72B shape with block 16 there).
+      gain. Two waves on sm80 (not measured; one split spills 8 B at the 72B shape with block 16 there);
+    - HALF_PARTIALS: 0, the splits' partial outputs in fp32. 1 stores them in q's dtype (fp16 / bf16),
+      half the workspace bytes (at 2 splits of the 72B headline shape, 10.5 of 47 MB moved), one more
+      rounding before the fp32 merge; not yet timed: the tuner tries both.
     """
     block_m, block_d = _block_m(spec), next_pow2(spec.head_dim)
     narrow = spec.dtype == "fp32" or (spec.arch == "sm80" and block_m < block_d and block_m * block_d > 4096)
@@ -55,6 +58,7 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
         "num_warps": 8 if narrow or block_m * block_d > 8192 else 4,
         "num_stages": 2,
         "num_splits": max(1, min(math.ceil(_WAVES.get(spec.arch, 2) * _SMS[spec.arch] / programs), tiles)),
+        "HALF_PARTIALS": 0,
     }
 
 
@@ -141,8 +145,9 @@ def _triton_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_s
 
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    if splits > 1:
-        ws_o = torch.empty(B * Hq * T, splits, D, dtype=torch.float32, device=q.device)
+    if splits > 1:  # the splits' partial outputs: fp32, or q's dtype (HALF_PARTIALS: half the bytes)
+        ws_dtype = q.dtype if config["HALF_PARTIALS"] else torch.float32
+        ws_o = torch.empty(B * Hq * T, splits, D, dtype=ws_dtype, device=q.device)
         ws_lse = torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device)
     else:  # unused by the kernel when NUM_SPLITS == 1
         ws_o = ws_lse = lse
@@ -177,7 +182,8 @@ def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
     the head dim are taken as 1, and a paged cache has 16-token pages."""
     mod = codegen.load(spec)
     elem = f"*{spec.dtype}"
-    types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_O": "*fp32", "WS_LSE": "*fp32",
+    types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_LSE": "*fp32",
+             "WS_O": elem if config["HALF_PARTIALS"] else "*fp32",
              "SEQ_LENS": "*i32", "IDX": "*i32", "COUNT": "*i32", "BLOCK_TABLE": "*i32", "scale_log2": "fp32"}
 
     def kernel(fn, constexprs, num_warps, num_stages):
