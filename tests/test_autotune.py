@@ -249,6 +249,8 @@ def prepare_with_a_fake_problem(task: dict) -> dict:
 
 def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path, monkeypatch):
     """In worker processes (this one imported Triton in interpreter mode, which real compiles reject)."""
+    import triton.language  # noqa: F401  (imported under the interpreter first: later tests here interpret)
+
     from dustin_kernels.autotune import measure
 
     monkeypatch.delenv("TRITON_INTERPRET")  # the workers compile real GPU code
