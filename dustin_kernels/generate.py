@@ -86,9 +86,12 @@ def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False
 
 def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=None) -> list[dict]:
     """The batch under each policy in turn: a row per policy (stats, share of tokens equal to the first
-    policy's, the tokens and, with `decode`, the first sequence's text)."""
+    policy's, the tokens and, with `decode`, the first sequence's text). Each policy first runs one
+    untimed step on the same batch, so that its kernels' compilation stays out of its tokens/s."""
     rows, reference = [], None
+    warm_up = argparse.Namespace(**{**vars(args), "max_new_tokens": 1, "fidelity": False})
     for name, policy in policies.items():
+        run_policy(draft, target, ids, policy, warm_up, eos_ids=eos_ids)
         result = run_policy(draft, target, ids, policy, args, eos_ids=eos_ids)
         if reference is None:
             reference = result.tokens
