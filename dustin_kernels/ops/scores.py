@@ -22,7 +22,7 @@ import operator
 import torch
 
 from .. import _checks, codegen, dispatch
-from ..spec import DTYPE_NAMES, KernelSpec, next_pow2
+from ..spec import DTYPE_NAMES, DTYPES, KernelSpec, next_pow2
 
 LOG2E = math.log2(math.e)
 _TORCH_CHUNK_ELEMENTS = 1 << 24  # fp32 scores / keys the torch backend holds per key chunk (64 MiB)
@@ -41,14 +41,16 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
       (2 when D >= 256); fp32 (a tf32x3 dot, twice the operand registers): LSE_BLOCK_N 16, 4 warps, 2 stages;
     - block_scores: BLOCK_N max(64, block_size) (fp32: max(32, block_size)), num_warps 8,
       num_stages 1 (its loop runs over the few used KV heads; nothing to pipeline);
-    - ONE_PASS 0: block_scores reads K again, the rule measured on an H200. ONE_PASS 1 (row_lse also
-      stores per-block sums, 4 bytes per row and block, that block_scores rescales instead of reading
-      K) moves fewer bytes when rows * 8 / block_size < head_dim * itemsize, but is not yet measured:
-      the tuner tries both (`autotune/attention_scores.json`).
+    - ONE_PASS 1 (row_lse also stores each row's per-block sums, block_scores rescales them instead of
+      reading K again) where that moves fewer bytes, G*T * 8 / block_size < head_dim * itemsize, and
+      LSE_BLOCK_N holds whole blocks; else 0. Measured on an H200 (Qwen2.5-72B estimate, batch 16,
+      8K-32K, the default config with ONE_PASS 0 / 1, tools/results/h200-session2): 107 / 69 us to
+      350 / 177 us; the Qwen2.5-0.5B lookahead at 32K: 126.5 / 97.8 us.
     """
     if spec.arch == "interp":
-        return {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
-                "BLOCK_N": max(32, spec.block_size), "num_warps": 4, "num_stages": 1, "ONE_PASS": 0}
+        config = {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
+                  "BLOCK_N": max(32, spec.block_size), "num_warps": 4, "num_stages": 1}
+        return config | {"ONE_PASS": _one_pass_pays(spec, config["LSE_BLOCK_N"])}
     rows = max(16, next_pow2(spec.group * spec.window))
     block_d = next_pow2(spec.head_dim)
     fp32 = spec.dtype == "fp32"
@@ -59,7 +61,14 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
     return {"LSE_BLOCK_N": lse_block_n, "NUM_SPLITS": splits,
             "lse_num_warps": 8 if rows * block_d > 32 * 128 and not fp32 else 4,
             "lse_num_stages": 2 if fp32 or block_d >= 256 else 3,
-            "BLOCK_N": max(32 if fp32 else 64, spec.block_size), "num_warps": 8, "num_stages": 1, "ONE_PASS": 0}
+            "BLOCK_N": max(32 if fp32 else 64, spec.block_size), "num_warps": 8, "num_stages": 1,
+            "ONE_PASS": _one_pass_pays(spec, lse_block_n)}
+
+
+def _one_pass_pays(spec: KernelSpec, lse_block_n: int) -> int:
+    """1 where ONE_PASS's stored sums (8 bytes per row and block) cost less than reading K again."""
+    fewer_bytes = spec.group * spec.window * 8 < spec.block_size * spec.head_dim * DTYPES[spec.dtype].itemsize
+    return int(fewer_bytes and lse_block_n % spec.block_size == 0)
 
 
 @functools.lru_cache(maxsize=256)
