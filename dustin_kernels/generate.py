@@ -277,8 +277,8 @@ def demo(args) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
-    shape = DEMO_SHAPE if args.shape is None else dataclasses.replace(PRESETS[args.shape], layers=DEMO_SHAPE.layers)
-    shape = shape if args.layers is None else dataclasses.replace(shape, layers=args.layers)
+    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else DEMO_SHAPE,
+                                layers=args.layers or DEMO_SHAPE.layers)
     tokenizer = demo_tokenizer()
     draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed,
                                 shape=shape, max_len=max(4096, args.context + args.max_new_tokens + args.gamma + 1))

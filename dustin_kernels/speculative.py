@@ -181,13 +181,14 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         sparse_verify, idx=selection[0], count=selection[1], block_size=policy.block_size)
     history = _history_read(selection, lens, policy.block_size)
     window = torch.cat([state.pending[:, None], drafts], 1)
-    if probe is not None and selection is not None:  # the dense pass first: the sparse one rewrites the window's K/V
+    probed = probe is not None and selection is not None
+    if probed:  # the dense pass first: the sparse one rewrites the window's K/V
         dense_hidden, _ = target(window, target_cache, lens, attend=dense_verify)
         probe.begin(attend, history, state.active)
         attend = probe.attend
     hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
     logits = target.logits(hidden)[..., :vocab]
-    if probe is not None and selection is not None:
+    if probed:
         probe.compare_tokens(logits, target.logits(dense_hidden)[..., :vocab], state.active)
 
     if sampler.greedy:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .. import aot, codegen, dispatch
+from .search import CUT
 from .workloads import Problem, Workload, build
 
 SMEM_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes per block (A100, H100/H200) without a device to ask
@@ -397,7 +398,7 @@ class Preparer:
         for i, future in enumerate(futures):
             if future in late:
                 why = f"the {self.timeout:.0f} s limit" if hung else "the bucket's time budget"
-                results.append({"status": "timeout" if hung else "cut", "detail": {
+                results.append({"status": "timeout" if hung else CUT, "detail": {
                     "error": f"preparation unfinished after {time.monotonic() - start:.0f} s ({why})"}})
                 continue
             try:
