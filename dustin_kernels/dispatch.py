@@ -12,9 +12,10 @@ folder `$DUSTIN_PERF_DB` or the package's) is searched along the chain
 
 for an entry of the spec's uri at the batch bucket (next power of two); among that file's context
 buckets the nearest in log space wins. A fallback or a miss warns once per (spec, batch bucket,
-device) and misses are counted (`misses()`). A corrupt or truncated file warns and is ignored (the
-next level or the default rule is used); entries tuned for an older template are used, with a
-warning. Files are read once per process (`reset()` forgets them). `override()` pins a config (tests,
+device) and misses are counted (`misses()`). A corrupt or truncated file (or anything but a regular
+file) warns and is ignored (the next level or the default rule is used); an entry whose config breaks
+its kernel's search space (`perf_db.config_errors`) warns and gives the default rule; entries tuned
+for an older template are used, with a warning. Files are read once per process (`reset()` forgets them). `override()` pins a config (tests,
 the tuner); `record()` collects the calls (the tuner learns each op's DB key); `using()` points the
 lookup at another folder or device name (tests).
 """
@@ -76,8 +77,9 @@ class Hit:
     device: str  # the file's device slug
     contexts: tuple  # ((log2 context bucket, config), ...)
 
-    def config(self, context: int) -> dict:
-        """Config of the context bucket nearest to `context` in log space (ties: the larger bucket)."""
+    def config(self, context: int) -> dict | None:
+        """Config of the context bucket nearest to `context` in log space (ties: the larger bucket); None
+        where that bucket's entry is invalid."""
         x = math.log2(max(1, context))
         return min(self.contexts, key=lambda c: (abs(c[0] - x), -c[0]))[1]
 
@@ -189,15 +191,16 @@ def config_for(spec, batch: int, context: int, default: Callable[..., dict], dev
     key = (_root(), spec, slug, bucket)
     hit = _state.hits.get(key, _UNRESOLVED)
     if hit is _UNRESOLVED:
-        hit = _state.hits[key] = _resolve(spec, slug, bucket, default, batch, context)
-    if hit is not None:
-        return dict(hit.config(context))
+        hit = _state.hits[key] = _resolve(spec, slug, bucket)
+    config = hit.config(context) if hit is not None else None
+    if config is not None:
+        return dict(config)
     _state.misses[spec, bucket, slug] += 1  # no string formatting per call: misses() names them
     return default(spec, batch=batch, context=context)
 
 
-def _resolve(spec, slug: str, bucket: int, default, batch: int, context: int) -> Hit | None:
-    """First file along the chain with entries for (uri, batch bucket) whose configs fit the op."""
+def _resolve(spec, slug: str, bucket: int) -> Hit | None:
+    """First file along the chain with entries for (uri, batch bucket)."""
     table = _table(spec.kernel, spec.arch)
     family = perf_db.device_family(slug)
     others = sorted(d for d in table if d != slug)
@@ -206,17 +209,9 @@ def _resolve(spec, slug: str, bucket: int, default, batch: int, context: int) ->
         ("arch", d) for d in others if perf_db.device_family(d) != family]
     uri = spec.uri()
     where = f"{uri} at batch bucket {bucket} on {slug}"
-    expected = None
     for level, device in chain:
         rows = table[device].get(uri, {}).get(bucket)
         if not rows:
-            continue
-        expected = expected or set(default(spec, batch=batch, context=context))
-        bad = [ctx for ctx, config in rows if set(config) != expected]
-        if bad:
-            _warn_once(("keys", device, uri, bucket),
-                       f"perf DB: entries of {where} in {device}.json have config keys other than the "
-                       f"default rule's {sorted(expected)} (tuned for an older op?); ignored")
             continue
         if level != "device":
             _warn_once(("fallback", uri, bucket, slug),
@@ -250,7 +245,7 @@ def _load(kernel: str, arch: str) -> dict:
             rows: dict = {}
             for entry_key, entry in doc["entries"].items():
                 uri, batch, context = perf_db.parse_key(entry_key)
-                rows.setdefault(uri, {}).setdefault(batch, []).append((context, entry["config"]))
+                rows.setdefault(uri, {}).setdefault(batch, []).append((context, _checked(path, entry_key, entry)))
         except perf_db.PerfDBError as exc:
             _warn_once(("file", str(path)), f"perf DB: {exc}; file ignored, default rules used instead")
             continue
@@ -261,6 +256,16 @@ def _load(kernel: str, arch: str) -> dict:
                        f"perf DB: {len(stale)} of {len(doc['entries'])} entries of {path} were tuned for another "
                        f"version of templates/{kernel}.py.j2 (stale, still used; retune)")
     return table
+
+
+def _checked(path: Path, key: str, entry: dict) -> dict | None:
+    """The entry's config, or None (with a warning) where it breaks its kernel's search space."""
+    errors = perf_db.config_errors(key, entry["config"])
+    if errors:
+        _warn_once(("config", str(path), key), f"perf DB: {path}: entry {key} has an invalid config "
+                   f"({'; '.join(errors)}); the default rule is used instead")
+        return None
+    return entry["config"]
 
 
 def _warn_once(key, message: str) -> None:

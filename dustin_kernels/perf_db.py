@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 
 from .spec import KERNELS, next_pow2
@@ -128,10 +129,35 @@ def _structure_errors(doc) -> list[str]:
     return errors
 
 
+def config_errors(key: str, config: dict) -> list[str]:
+    """Problems of an entry's config against its kernel's search space (`autotune/<kernel>.json`): the
+    space's parameters exactly, each at one of its values, every constraint holding for the entry's spec
+    at its batch bucket and the largest context of its context bucket. Empty when the config is usable."""
+    from .autotune import space
+    from .spec import KernelSpec
+
+    uri, batch, context = parse_key(key)
+    try:
+        spec = KernelSpec.from_uri(uri)
+    except ValueError as exc:
+        return [f"does not name a kernel spec ({exc})"]
+    kernel_space = space.load_space(spec.kernel)
+    keys = set(config)
+    if keys != set(kernel_space.params):
+        return [f"expected the parameters {sorted(kernel_space.params)}, got {sorted(keys)}"]
+    errors = [f"{name}: expected one of {values}, got {config[name]!r}"
+              for name, values in kernel_space.params.items() if config[name] not in values]
+    env = space.variables(spec, batch, int(context * 2 ** 0.5))  # the bucket's contexts reach context * sqrt(2)
+    return errors or [f"violates {expr!r}" for expr in kernel_space.violated(config, env)]
+
+
 def read(path: Path) -> dict:
-    """Parse and validate a DB file; raises PerfDBError naming the file and the first problems."""
+    """Parse and validate a DB file; raises PerfDBError naming the file and the first problems. Only
+    regular files are opened (a FIFO or a folder named like a DB file is an error, never a hang)."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise OSError("not a regular file")
         doc = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, huge ints
         raise PerfDBError(f"{path}: unreadable perf DB file ({type(exc).__name__}: {str(exc)[:200]})") from None

@@ -471,6 +471,26 @@ def test_perf_check_reports_an_entry_key_that_names_no_spec(tmp_path):
     assert "select_tokens_bogus_fp32_bs1|b2|c128 does not name a kernel spec" in done.stdout
 
 
+def test_perf_check_fails_on_configs_outside_the_space_and_on_non_regular_files(tmp_path):
+    from test_perf_db import CONFIG, URI, make_doc, make_entry
+
+    db = tmp_path / "db"
+    perf_db.write(perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h200"), make_doc(entries={
+        f"{URI}|b16|c512": make_entry({**CONFIG, "num_splits": 0}), f"{URI}|b8|c512": make_entry()}))
+    os.mkfifo(perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h100_pcie"))  # must not block the check
+    done = _perf_check(tmp_path, "--db", str(db), "--no-aot", "--no-coverage")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"entry {URI}|b16|c512 config: num_splits: expected one of" in done.stdout
+    assert f"{URI}|b8|c512" not in done.stdout
+    assert "nvidia_h100_pcie.json: unreadable perf DB file (OSError: not a regular file)" in done.stdout
+
+
+def test_perf_check_fails_on_a_missing_db_folder_in_one_line(tmp_path):
+    done = _perf_check(tmp_path, "--db", str(tmp_path / "missing"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"perf_check: error: --db {tmp_path / 'missing'}: not a folder\n"
+
+
 def test_perf_check_compiles_stored_configs(tmp_path):
     """A stored config that no longer compiles for its arch fails the check (one AOT compile, sm80)."""
     from test_perf_db import make_doc, make_entry

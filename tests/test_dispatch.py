@@ -1,5 +1,6 @@
 """Runtime dispatch: the lookup chain (device -> family -> arch -> default), buckets, warnings, the miss
 counter, overrides, broken files, and no file IO per call."""
+import os
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from test_perf_db import CONFIG, make_doc, make_entry
 
 SPEC = KernelSpec("sparse_verify", "sm90", "bf16", head_dim=128, group=8, window=5, block_size=1)
 URI = SPEC.uri()
-DEFAULT = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "num_splits": 1}
+DEFAULT = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
 
 
 def default_rule(spec, *, batch, context):
@@ -65,11 +66,11 @@ def test_miss_falls_back_to_the_default_rule_warns_once_and_counts(db):
 def test_family_then_arch_fallbacks(db):
     put(db, "nvidia_h200_nvl", {"b16|c512": make_entry(cfg(num_splits=3))})  # same family as H200
     put(db, "nvidia_h100_80gb_hbm3", {"b16|c512": make_entry(cfg(num_splits=6)),
-                                      "b4|c512": make_entry(cfg(num_splits=12))})  # same arch only
+                                      "b4|c512": make_entry(cfg(num_splits=8))})  # same arch only
     with pytest.warns(dispatch.PerfDBWarning, match="tuned on nvidia_h200_nvl .same family"):
         assert lookup(16)["num_splits"] == 3
     with pytest.warns(dispatch.PerfDBWarning, match="tuned on nvidia_h100_80gb_hbm3 .same arch"):
-        assert lookup(4)["num_splits"] == 12
+        assert lookup(4)["num_splits"] == 8
     put(db, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=1))})
     dispatch.reset()
     assert lookup(16)["num_splits"] == 1  # the exact device wins once it has the bucket
@@ -79,7 +80,7 @@ def test_family_then_arch_fallbacks(db):
 
 
 def test_other_arch_files_are_not_used(db):
-    put(db, "nvidia_a100_sxm4_80gb", {"b16|c512": make_entry(cfg(num_splits=5))}, arch="sm80")
+    put(db, "nvidia_a100_sxm4_80gb", {"b16|c512": make_entry(cfg(num_splits=4))}, arch="sm80")
     with pytest.warns(dispatch.PerfDBWarning, match="no tuned config"):
         assert lookup(16) == default_rule(SPEC, batch=16, context=512)
 
@@ -96,9 +97,9 @@ def test_interpreter_misses_are_counted_but_silent(db):
 def test_broken_file_warns_and_the_chain_goes_on(db, damage):
     put(db, "nvidia_h200_nvl", {"b16|c512": make_entry(cfg(num_splits=3))})
     path = perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h200")
-    text = perf_db.dumps(make_doc(entries={f"{URI}|b16|c512": make_entry(cfg(num_splits=9))}))
+    text = perf_db.dumps(make_doc(entries={f"{URI}|b16|c512": make_entry(cfg(num_splits=8))}))
     path.write_text({"truncated": text[:200], "garbage": "\x00" * 10,
-                     "schema": text.replace('"num_splits": 9', '"num_splits": "nine"')}[damage])
+                     "schema": text.replace('"num_splits": 8', '"num_splits": "eight"')}[damage])
     with pytest.warns(dispatch.PerfDBWarning) as caught:
         assert lookup(16)["num_splits"] == 3  # the broken exact-device file is skipped, the family file used
     messages = " ".join(str(w.message) for w in caught)
@@ -110,17 +111,33 @@ def test_broken_file_warns_and_the_chain_goes_on(db, damage):
 
 
 def test_stale_entries_are_used_with_a_warning(db):
-    put(db, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=7), template_hash="0123456789abcdef")})
+    put(db, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=6), template_hash="0123456789abcdef")})
     with pytest.warns(dispatch.PerfDBWarning, match="stale"):
-        assert lookup(16)["num_splits"] == 7
+        assert lookup(16)["num_splits"] == 6
 
 
-def test_entries_with_other_config_keys_are_ignored(db):
-    put(db, "nvidia_h200", {"b16|c512": make_entry({"BLOCK_N": 64, "num_warps": 4})})
-    with pytest.warns(dispatch.PerfDBWarning) as caught:
+@pytest.mark.parametrize("config, problem", [
+    ({"BLOCK_N": 64, "num_warps": 4}, "expected the parameters"),
+    (cfg(num_splits=0), "num_splits: expected one of"),
+    (cfg(BLOCK_N=3), "BLOCK_N: expected one of"),
+    (cfg(num_splits=1, HALF_PARTIALS=1), "violates 'not HALF_PARTIALS"),
+    (cfg(num_splits=16), "violates 'num_splits \\* BLOCK_N"),  # 16 splits of 64 rows: past a 512-slot context
+], ids=["keys", "splits0", "block3", "half1split", "splits-past-context"])
+def test_entries_outside_the_search_space_give_the_default_rule(db, config, problem):
+    put(db, "nvidia_h200", {"b16|c512": make_entry(config), "b16|c8192": make_entry(cfg(num_splits=8))})
+    with pytest.warns(dispatch.PerfDBWarning, match=f"entry {URI}.b16.c512 has an invalid config .*{problem}"):
+        assert lookup(16, 512) == default_rule(SPEC, batch=16, context=512)
+    assert lookup(16, 8192)["num_splits"] == 8  # the file's valid entries are still used
+    assert dispatch.misses() == {f"{URI}|b16|nvidia_h200": 1}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_only_regular_files_are_read(db, kind):
+    path = perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h200")
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()  # a FIFO would block the first op call on open()
+    with pytest.warns(dispatch.PerfDBWarning, match="nvidia_h200.json: unreadable .*not a regular file"):
         assert lookup(16) == default_rule(SPEC, batch=16, context=512)
-    assert [m for m in map(str, (w.message for w in caught)) if "config keys" in m]
-    assert [m for m in map(str, (w.message for w in caught)) if "no tuned config" in m]
 
 
 def test_files_are_read_once(db, monkeypatch):
@@ -178,11 +195,11 @@ def test_record_collects_the_calls(db):
 
 
 def test_environment_variable_points_at_another_db(tmp_path, monkeypatch):
-    put(tmp_path, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=11))})
+    put(tmp_path, "nvidia_h200", {"b16|c512": make_entry(cfg(num_splits=6))})
     monkeypatch.setenv("DUSTIN_PERF_DB", str(tmp_path))
     with dispatch.using(device="NVIDIA H200"):
         assert dispatch.db_root() == tmp_path
-        assert lookup(16)["num_splits"] == 11
+        assert lookup(16)["num_splits"] == 6
 
 
 def test_the_package_db_is_the_default(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from dustin_kernels import codegen, perf_db
 
 URI = "sparse_verify_sm90_bf16_d128_g8_t5_bs1"
-CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 2}
+CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 2, "HALF_PARTIALS": 0}
 WORKLOAD = {"name": "sparse", "q_heads": 64, "kv_heads": 8, "head_dim": 128, "dtype": "bf16", "window": 5,
             "block_size": 1, "batch": 16, "context": 32768, "budget": 512, "heads": 4}
 

@@ -1,8 +1,9 @@
 """The perf-regression check of the perf DB.
 
 CPU part (CI, no GPU needed):
-  1. every file under the DB validates against perf_db/schema.json and sits at
-     <kernel>/<arch>/<device>.json matching its own fields and its entries' uris;
+  1. every file under the DB is a regular file, validates against perf_db/schema.json, sits at
+     <kernel>/<arch>/<device>.json matching its own fields and its entries' uris, and every entry's
+     config is within its kernel's search space (autotune/<kernel>.json: values and constraints);
   2. every GPU file covers the `required` grids of autotune/grid.json (its kernel's workloads);
   3. every stored GPU config still compiles for its arch (dustin_kernels.aot, no spills counted,
      errors and shared memory above the arch's limit fail);
@@ -14,7 +15,7 @@ if a rerun of that entry confirms it.
 
     python tools/perf_check.py                  # CPU part, the package's perf_db
     python tools/perf_check.py --db DIR --gpu --json report.json
-Exit status: 0 clean, 1 a check failed.
+Exit status: 0 clean, 1 a check failed, 2 bad arguments (e.g. --db not a folder).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def check_files(db: Path) -> tuple[dict, list[str]]:
                             f"{kernel}/{arch}/{device}")
             continue
         bad = []
-        for key in doc["entries"]:
+        for key, entry in doc["entries"].items():
             try:
                 spec = KernelSpec.from_uri(perf_db.parse_key(key)[0])
             except ValueError as exc:
@@ -64,6 +65,8 @@ def check_files(db: Path) -> tuple[dict, list[str]]:
                 continue
             if (spec.kernel, spec.arch) != (kernel, arch):
                 bad.append(f"{path}: entry {key} is not a {kernel} {arch} spec")
+                continue
+            problems += [f"{path}: entry {key} config: {e}" for e in perf_db.config_errors(key, entry["config"])]
         problems += bad
         if not bad:  # the later checks parse every entry's spec
             docs[path] = doc
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the findings (and GPU rows) here")
     args = parser.parse_args(argv)
     db = args.db or perf_db.root()
+    if not db.is_dir():
+        print(f"perf_check: error: --db {db}: not a folder", file=sys.stderr)
+        return 2
     docs, problems = check_files(db)
     entries = sum(len(d["entries"]) for d in docs.values())
     print(f"{db}: {len(docs)} DB files, {entries} entries, {len(problems)} invalid", flush=True)

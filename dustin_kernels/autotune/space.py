@@ -135,6 +135,11 @@ class Space:
         env = {**variables, **config}
         return all(_eval(tree, env) for _, tree in self.constraints)
 
+    def violated(self, config: dict, variables: dict) -> list[str]:
+        """The constraints (their expressions) that `config` (a dict of every parameter) breaks."""
+        env = {**variables, **config}
+        return [expr for expr, tree in self.constraints if not _eval(tree, env)]
+
     def enumerate_configs(self, variables: dict) -> list[dict]:
         """Every config of the product of the values that satisfies the constraints, in product order."""
         names = list(self.params)
