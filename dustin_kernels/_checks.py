@@ -1,4 +1,6 @@
-"""Input validation shared by the public ops: every error names the argument and what was expected."""
+"""Input validation shared by the public ops: every error names the argument and what was expected.
+
+The ops are inference ops (no autograd): a tensor that requires grad is refused, never silently detached."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +20,9 @@ def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES, shape_doc: str = 
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if t.requires_grad:
+        raise ValueError(f"{name}: expected a tensor that does not require grad (dustin_kernels ops are inference "
+                         "ops, without autograd): pass .detach() or build it under torch.no_grad()")
 
 
 def check_same_device(**tensors) -> torch.device:

@@ -232,7 +232,7 @@ def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=No
     p_t = seq_lens[b] - T + t and sees keys [0, p_t]. heads: distinct q-head indices (None = all).
     block_size: power of two in [1, 128]. scale: softmax scale (None = 1/sqrt(D)).
     Returns float32[B, ceil(N_max / block_size)], zero past seq_lens; each sequence sums to
-    len(heads) * T.
+    len(heads) * T. An inference op (no autograd): tensors that require grad are refused.
     """
     B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
     device = _checks.check_same_device(q=q, k_cache=k_cache)

@@ -115,6 +115,7 @@ def _torch_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_si
             pos = idx[:, slots // block_size].long() * block_size + slots % block_size
             ok = ((slots // block_size)[None, :] < count[:, None]) & (pos < ctx[:, None])
             kf, vf = rows(torch.where(ok, pos, 0))
+        vf = vf.masked_fill(~ok[:, None, :, None], 0.0)  # a weight of 0 times a stale NaN / inf is still NaN
         attend(kf, vf, ok[:, None, None, :])
 
     out = (acc / l[..., None]).reshape(B, Hq, T, D).to(q.dtype)
@@ -266,7 +267,8 @@ def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, sc
     (valid entries including the window); idx int32[B, W]: the first count[b] entries are distinct
     history blocks (block j = tokens [j * block_size, (j + 1) * block_size) below ctx_len = seq_lens - T),
     -1 padding after; count int32[B]. Returns out [B, Hq, T, D] in q's dtype, and with return_lse=True
-    also lse float32 [B, Hq, T] (natural-log log-sum-exp of the scaled scores).
+    also lse float32 [B, Hq, T] (natural-log log-sum-exp of the scaled scores). An inference op (no
+    autograd): tensors that require grad are refused.
 
     CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
     what shapes and the launch config determine (out, lse, and when num_splits > 1 the fp32 workspace
@@ -291,7 +293,8 @@ def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, 
     """`sparse_verify` over a paged cache: k_pages, v_pages [num_pages, Hkv, page_size, D] (any strides;
     an NHD cache [num_pages, page_size, Hkv, D] is passed as `.transpose(1, 2)`); block_table
     int32[B, max_pages] maps logical page p of sequence b to a physical page. page_size is read from
-    the pages' shape and is independent of block_size. Same results and CUDA-graph notes as `sparse_verify`.
+    the pages' shape and is independent of block_size. Same results, CUDA-graph notes and refusal of
+    tensors that require grad (an inference op) as `sparse_verify`.
     """
     _checks.check_tensor("q", q, 4, shape_doc="[B, Hq, T, D]")
     _checks.check_tensor("k_pages", k_pages, 4, shape_doc="[num_pages, Hkv, page_size, D]")
@@ -331,7 +334,8 @@ def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, 
 
 def dense_verify(q, k_cache, v_cache, seq_lens, *, scale=None, return_lse=False, backend=None):
     """Dense causal attention of the T window queries over every history token (the dense mode of the
-    sparse kernel: the in-house dense baseline). Shapes, outputs and CUDA-graph notes as `sparse_verify`.
+    sparse kernel: the in-house dense baseline). Shapes, outputs, CUDA-graph notes and refusal of tensors
+    that require grad (an inference op) as `sparse_verify`.
     """
     B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
     _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
