@@ -147,6 +147,27 @@ def test_signed_zero_ties(backend):
     _check(s, s.clone(), torch.tensor([201], dtype=torch.int32), backend, budget=40, m=10, window=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_scores_rank_lowest(backend, dtype):
+    """NaN ranks below every number, -inf included (ties among NaN: the lower block); the target must take
+    some NaN blocks here, the draft none."""
+    seq_lens = torch.tensor([66, 50], dtype=torch.int32)
+    s_draft, s_target = _scores(2, 64, dtype), _scores(2, 64, dtype)
+    s_draft[:, ::3] = math.nan
+    s_target[:, 5:55] = math.nan
+    s_target[:, 60] = -math.inf
+    s_draft[0, 7] = -math.inf
+    idx, count = select_tokens(s_draft, s_target, seq_lens, budget=32, m=6, sink=2, recent=2, window=2,
+                               backend=backend)
+    # the reference ranks a NaN as -inf; -inf scores sit where they tie with no NaN
+    lowest = torch.finfo(torch.float32).min
+    expected = ref.select_tokens(*(torch.nan_to_num(s.float(), nan=-math.inf, neginf=lowest)
+                                   for s in (s_draft, s_target)), seq_lens, 32, 6, 2, 2, 2)
+    assert idx.tolist() == expected[0].tolist() and count.tolist() == expected[1].tolist()
+    assert {5, 60} <= set(idx[0].tolist()) and 54 not in idx[0].tolist()  # -inf before NaN, low NaN first
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_empty_history(backend):
     empty = torch.zeros(0, 8)

@@ -1,8 +1,9 @@
 """select_tokens: Dustin's per-sequence choice of history blocks for sparse verification.
 
 DESIGN.md section 3, item 2. Every block score becomes a unique int64 key, (order-preserving int32 of
-the fp32 score) << 32 | (2^32 - 1 - block): a higher key is a higher score, then a lower block (the tie
-rule), so "the top q blocks" is "the blocks whose key is at least the q-th largest key". Two backends:
+the fp32 score, NaN below -inf) << 32 | (2^32 - 1 - block): a higher key is a higher score, then a lower
+block (the tie rule), so "the top q blocks" is "the blocks whose key is at least the q-th largest key".
+Two backends:
 
 - torch: the keys of the whole batch, torch.topk for each signal's threshold, one sort to list the
   chosen blocks ascending;
@@ -57,8 +58,8 @@ def _torch_keys(scores, lo: int, hi):
     blocks = torch.arange(scores.shape[1], device=scores.device)
     s = scores.float()
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0
-    bits = s.view(torch.int32)
-    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed int order = float order
+    bits = s.view(torch.int32).masked_fill(s.isnan(), -1)  # NaN: -1, the lowest key below
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed int order = float order (NaN below -inf)
     key = (bits.long() << 32) | (0xFFFFFFFF - blocks)
     cand = (blocks >= lo) & (blocks < hi[:, None])
     return key.masked_fill_(~cand, KEY_MIN)
@@ -188,7 +189,7 @@ def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, 
     0 .. ceil((seq_lens - window) / block_size) - 1. All of them are chosen when they fit the budget;
     else blocks [0, sink), the last `recent`, the top min(m, budget - sink - recent) others by s_draft
     (all of the free budget when s_target is None), the rest of the budget by s_target; ties go to the
-    lower block. Returns (idx int32[B, budget]: chosen blocks ascending, -1 padded; count int32[B]).
+    lower block, and a NaN score ranks lowest (below -inf). Returns (idx int32[B, budget]: chosen blocks ascending, -1 padded; count int32[B]).
     An inference op (no autograd): tensors that require grad are refused.
     """
     _checks.check_int("budget", budget, 1)
