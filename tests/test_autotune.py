@@ -226,6 +226,24 @@ def test_resume_continues_a_study(tmp_path):
     assert not {json.dumps(c, sort_keys=True) for c in first} & {json.dumps(c, sort_keys=True) for c in second}
 
 
+def test_a_torn_journal_is_repaired_and_resumed(tmp_path):
+    journal = tmp_path / "journal.log"
+    search.Search(CANDIDATES, PARAMS, max_trials=20, patience=100, study=search.open_study(journal, "b", 0)).run(
+        noisy_measure(0))
+    whole = journal.read_bytes()
+    assert search.repair_journal(journal) is None and journal.read_bytes() == whole
+    lines = whole.splitlines(keepends=True)
+    journal.write_bytes(whole + lines[-1][:17] + lines[-1])  # killed mid-record, then a later append
+    with pytest.raises(ValueError):  # what --resume met in every bucket
+        search.open_study(journal, "b", 0)
+    message = search.repair_journal(journal)
+    assert message.startswith(f"{journal}: torn Optuna journal: kept its first {len(lines)} records")
+    assert journal.read_bytes() == whole and (tmp_path / "journal.log.torn").read_bytes().startswith(whole)
+    outcome = search.Search(CANDIDATES, PARAMS, max_trials=25, patience=100,
+                            study=search.open_study(journal, "b", 0)).run(noisy_measure(1))
+    assert outcome.resumed == 20 and len(outcome.trials) == 25
+
+
 # --- preparation: AOT verdicts (cached) and the correctness run -----------------------------------------
 
 class _FakeProblem:
@@ -400,6 +418,51 @@ def test_without_a_gpu_the_cli_explains_and_exits(tmp_path):
                           env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--interpret" in done.stderr
     assert not list(tmp_path.glob("*/*/*.json"))
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--shape", "0,0,0"], "--shape: expected a preset"),
+    (["--shape", "8,3,64"], "--shape: expected a preset"),
+    (["--context", "-5"], "--context: expected an int >= 1, got '-5'"),
+    (["--batch", "0"], "--batch: expected an int >= 1, got '0'"),
+    (["--block-size", "3"], "--block-size: expected a power-of-two int >= 1, got '3'"),
+    (["--trials", "x"], "--trials: expected an int >= 1, got 'x'"),
+    (["--time-budget", "nan"], "--time-budget: expected a number >= 0, got 'nan'"),
+], ids=["shape-zero", "shape-not-gqa", "context-negative", "batch-zero", "block-size-3", "trials-x", "time-nan"])
+def test_bad_arguments_exit_2_with_one_line(args, problem, capsys):
+    from dustin_kernels.autotune.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--interpret", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and problem in err, err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--log-dir"])
+def test_an_unwritable_out_or_log_dir_fails_before_tuning(tmp_path, flag, capfd):
+    from dustin_kernels.autotune.__main__ import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    folders = {"--out": tmp_path / "db", "--log-dir": tmp_path / "logs", flag: blocker / "below"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["--interpret", "--out", str(folders["--out"]), "--log-dir", str(folders["--log-dir"])])
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"{flag} {blocker / 'below'}: not a writable" in err
+    assert not (tmp_path / "logs" / "trials.jsonl").exists()
+
+
+def test_an_unreadable_db_file_in_out_fails_before_tuning(tmp_path, capfd):
+    from dustin_kernels.autotune.__main__ import main
+
+    path = perf_db.path_for(tmp_path / "db", "select_tokens", "interp", "cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema_version": 1,')
+    with pytest.raises(SystemExit) as exit_:
+        main(["--interpret", "--workload", "select", "--out", str(tmp_path / "db"), "--log-dir", str(tmp_path / "l")])
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2 and f"--out: {path}: unreadable perf DB file" in err
+    assert not (tmp_path / "l" / "trials.jsonl").exists()
 
 
 def test_interpret_pipeline_end_to_end_and_resume(tmp_path):

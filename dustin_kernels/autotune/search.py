@@ -16,9 +16,13 @@ study, and a resumed run may ask for it again.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import shutil
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 PENALTY = 1e12  # value told to Optuna for infeasible or failed trials (they are also flagged infeasible)
@@ -75,6 +79,31 @@ def open_study(journal, name: str, seed: int):
     storage = JournalStorage(JournalFileBackend(str(journal))) if journal is not None else None
     return optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize",
                                load_if_exists=True)
+
+
+def repair_journal(path: Path) -> str | None:
+    """Keep the longest prefix of whole JSON lines of an Optuna journal file (a run killed mid-write leaves
+    a torn record, which makes every later read fail); the damaged file is kept beside it as
+    `<name>.torn`. Returns what was done, or None when the file was whole."""
+    data = Path(path).read_bytes()
+    good = records = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        if not line.endswith(b"\n"):
+            break
+        good, records = good + len(line), records + 1
+    if good == len(data):
+        return None
+    aside = Path(path).with_name(Path(path).name + ".torn")
+    shutil.copyfile(path, aside)
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data[:good])
+    os.replace(tmp, path)
+    return (f"{path}: torn Optuna journal: kept its first {records} records, dropped the {len(data) - good} bytes "
+            f"after them (the damaged file is saved as {aside})")
 
 
 def _constraints(frozen_trial) -> Sequence[float]:

@@ -137,6 +137,10 @@ class Tuner:
         self.journal = options.log_dir / "journal.log"
         if self.journal.exists() and not options.resume:  # a fresh run keeps the old journal aside
             shutil.move(self.journal, self.journal.with_name(f"journal.{int(self.journal.stat().st_mtime)}.log"))
+        elif self.journal.exists():
+            repaired = search.repair_journal(self.journal)
+            if repaired:
+                print(repaired, file=sys.stderr, flush=True)
         self.prepare = measure.Preparer(self.device, self.arch, jobs=options.jobs, use_aot=options.aot,
                                         timeout=options.prepare_timeout)
         self.trials_by_kernel: dict = {}
