@@ -15,9 +15,9 @@ buckets the nearest in log space wins. A fallback or a miss warns once per (spec
 device) and misses are counted (`misses()`). A corrupt or truncated file (or anything but a regular
 file) warns and is ignored (the next level or the default rule is used); an entry whose config breaks
 its kernel's search space (`perf_db.config_errors`) warns and gives the default rule; entries tuned
-for an older template are used, with a warning. Files are read once per process (`reset()` forgets them). `override()` pins a config (tests,
-the tuner); `record()` collects the calls (the tuner learns each op's DB key); `using()` points the
-lookup at another folder or device name (tests).
+for an older template are used, with a warning. Files are read once per process (`reset()` forgets
+them). `override()` pins a config (tests, the tuner); `record()` collects the calls (the tuner learns
+each op's DB key); `using()` points the lookup at another folder or device name (tests).
 """
 from __future__ import annotations
 

@@ -189,8 +189,9 @@ def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, 
     0 .. ceil((seq_lens - window) / block_size) - 1. All of them are chosen when they fit the budget;
     else blocks [0, sink), the last `recent`, the top min(m, budget - sink - recent) others by s_draft
     (all of the free budget when s_target is None), the rest of the budget by s_target; ties go to the
-    lower block, and a NaN score ranks lowest (below -inf). Returns (idx int32[B, budget]: chosen blocks ascending, -1 padded; count int32[B]).
-    An inference op (no autograd): tensors that require grad are refused.
+    lower block, and a NaN score ranks lowest (below -inf). Returns (idx int32[B, budget]: chosen blocks
+    ascending, -1 padded; count int32[B]). An inference op (no autograd): tensors that require grad are
+    refused.
     """
     _checks.check_int("budget", budget, 1)
     _checks.check_int("sink", sink, 0)
