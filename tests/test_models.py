@@ -190,3 +190,70 @@ def test_weights_must_match_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mlp.gate_proj.weight has shape"):
         load_model(tmp_path)
+
+
+BASE_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+               "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"hidden_size": None}, "missing key 'hidden_size'"),
+    ({"num_attention_heads": "2"}, "key 'num_attention_heads': expected a positive int, got '2'"),
+    ({"num_attention_heads": 0}, "key 'num_attention_heads': expected a positive int, got 0"),
+    ({"num_key_value_heads": 0}, "key 'num_key_value_heads': expected a positive int, got 0"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads: 3 must divide num_attention_heads 2"),
+    ({"head_dim": 5}, "head_dim: expected an even head dim"),
+    ({"vocab_size": 1.5}, "key 'vocab_size': expected a positive int, got 1.5"),
+    ({"rms_norm_eps": -1}, "key 'rms_norm_eps': expected a positive number"),
+    ({"rope_theta": "big"}, "key 'rope_theta': expected a positive number"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "missing key 'rope_scaling.factor'"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "key 'rope_scaling.factor': expected a positive number"),
+    ({"rope_scaling": dict(LLAMA3_ROPE, low_freq_factor=4.0)}, "expected high_freq_factor > low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn' is not supported"),
+    ({"rope_parameters": [1]}, "key 'rope_parameters': expected an object"),
+    ({"tie_word_embeddings": "false"}, "key 'tie_word_embeddings': expected true or false"),
+    ({"eos_token_id": [2, "x"]}, "key 'eos_token_id': expected a token id or a list of them"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_config_values_name_the_file_and_the_key(tmp_path, change, problem):
+    cfg = {k: v for k, v in {**BASE_CONFIG, **change}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as caught:
+        load_config(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: ") and problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "llama", ', "\xff garbage", "[1, 2]"], ids=["torn", "bytes", "list"])
+def test_unparsable_config_json(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'}: (not a JSON file|expected a JSON object)"):
+        load_config(tmp_path)
+
+
+def test_damaged_weights_and_tokenizer_name_the_file(tmp_path):
+    make_checkpoint(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])  # a truncated download
+    with pytest.raises(ValueError, match=f"^{weights}: not a readable safetensors file"):
+        load_model(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: not a readable tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("weight_map, problem", [
+    (None, "not a JSON file"),
+    ([], "key 'weight_map': expected an object"),
+    ({"embed_tokens.weight": "/etc/passwd"}, "expected shard file names inside the checkpoint folder, got '/etc/"),
+    ({"embed_tokens.weight": "../outside.safetensors"}, "inside the checkpoint folder, got '../outside.safetensors'"),
+    ({"embed_tokens.weight": 7}, "inside the checkpoint folder, got 7"),
+], ids=["torn", "list", "absolute", "parent", "not-a-name"])
+def test_bad_shard_index(tmp_path, weight_map, problem):
+    make_checkpoint(tmp_path / "ckpt", shard=True)
+    shard = sorted((tmp_path / "ckpt").glob("*.safetensors"))[0]
+    (tmp_path / "outside.safetensors").write_bytes(shard.read_bytes())  # readable, but not the checkpoint's
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {' if weight_map is None else json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError) as caught:
+        load_model(tmp_path / "ckpt")
+    assert str(caught.value).startswith(f"{index}: ") and problem in str(caught.value)

@@ -10,6 +10,28 @@ import torch
 
 FAMILIES = ("llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
+_REQUIRED = object()
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_NUMBER = (_positive_number, "a positive number")
+_ROPE_KEYS = {  # the keys each rope_type reads: (check, what it expects)
+    "default": {},
+    "linear": {"factor": _NUMBER},
+    "llama3": {"factor": _NUMBER, "low_freq_factor": _NUMBER, "high_freq_factor": _NUMBER,
+               "original_max_position_embeddings": (_positive_int, "a positive int")},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +55,13 @@ class ModelConfig:
     family: str = "llama"
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: expected an even head dim (RoPE rotates pairs), got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_key_value_heads: {self.num_kv_heads} must divide num_attention_heads "
                              f"{self.num_heads}")
@@ -41,35 +70,63 @@ class ModelConfig:
             raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
-        """From the dict of a Hugging Face `config.json` (model_type "llama" or "qwen2")."""
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        """From the dict of a Hugging Face `config.json` (model_type "llama" or "qwen2"). A missing key,
+        a value of the wrong type or out of range raises ValueError naming `source` and the key."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         family = cfg.get("model_type")
         if family not in FAMILIES:
-            raise ValueError(f"config.json: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+            raise ValueError(f"{source}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
         if cfg.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window=true is not supported (full attention only)")
+            raise ValueError(f"{source}: use_sliding_window=true is not supported (full attention only)")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+
+        def get(key, ok=_positive_int, expected="a positive int", default=_REQUIRED, where=cfg, prefix=""):
+            value = where.get(key)
+            if value is None and default is not _REQUIRED:
+                return default
+            if value is None:
+                raise ValueError(f"{source}: missing key '{prefix}{key}' ({expected})")
+            if not ok(value):
+                raise ValueError(f"{source}: key '{prefix}{key}': expected {expected}, got {repr(value)[:60]}")
+            return value
+
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+        rope = dict(get(rope_key, lambda v: isinstance(v, dict), "an object", {}))
+        theta = rope.pop("rope_theta", cfg.get("rope_theta"))  # rope_parameters holds it in transformers 5
+        theta = get("rope_theta", *_NUMBER, 10000.0, where={"rope_theta": theta})
         kind = rope.pop("rope_type", rope.pop("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"{source}: {rope_key}: rope_type {kind!r} is not supported "
+                             f"(supported: {', '.join(ROPE_TYPES)})")
+        for key in _ROPE_KEYS[kind]:
+            get(key, *_ROPE_KEYS[kind][key], where=rope, prefix=f"{rope_key}.")
+        if kind == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+            raise ValueError(f"{source}: {rope_key}: expected high_freq_factor > low_freq_factor, got {rope}")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
-        eos = cfg.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        heads = cfg["num_attention_heads"]
-        bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
-            qkv_bias=family == "qwen2" or bias, o_bias=family == "llama" and bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096), eos_token_ids=eos, family=family)
+            raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        eos = get("eos_token_id", lambda v: _token_id(v) or isinstance(v, list) and all(map(_token_id, v)),
+                  "a token id or a list of them", None)
+        flags = {k: get(k, lambda v: isinstance(v, bool), "true or false", False)
+                 for k in ("attention_bias", "mlp_bias", "tie_word_embeddings")}
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        try:
+            return cls(
+                vocab_size=get("vocab_size"), hidden_size=hidden, intermediate_size=get("intermediate_size"),
+                num_layers=get("num_hidden_layers"), num_heads=heads,
+                num_kv_heads=get("num_key_value_heads", default=heads),
+                head_dim=get("head_dim", default=hidden // heads),
+                rms_norm_eps=float(get("rms_norm_eps", *_NUMBER, 1e-6)), rope_theta=float(theta),
+                rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
+                qkv_bias=family == "qwen2" or flags["attention_bias"],
+                o_bias=family == "llama" and flags["attention_bias"], mlp_bias=flags["mlp_bias"],
+                tie_word_embeddings=flags["tie_word_embeddings"],
+                max_position_embeddings=get("max_position_embeddings", default=4096),
+                eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,), family=family)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def inv_freq(self) -> torch.Tensor:
         """float32[head_dim / 2]: RoPE inverse frequencies, with linear or Llama-3 scaling when configured
