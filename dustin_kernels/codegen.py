@@ -2,6 +2,8 @@
 
 Cache folder: `$DUSTIN_CACHE_DIR/generated`, default `~/.cache/dustin_kernels/generated`. A rendered file is
 written only when its text changed, under a file lock with a re-check, so concurrent processes are safe.
+Where that folder cannot be created or written (read-only, a file in the way), the process renders into
+a private temporary folder instead and warns once.
 
     python -m dustin_kernels.codegen sparse_verify_sm90_bf16_d128_g8_t5_bs1   # print rendered source
 """
@@ -14,6 +16,8 @@ import importlib.resources
 import importlib.util
 import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -24,8 +28,26 @@ from .spec import KernelSpec
 
 
 def cache_dir() -> Path:
+    """The configured render cache folder (see the module docstring)."""
     root = os.environ.get("DUSTIN_CACHE_DIR") or Path.home() / ".cache" / "dustin_kernels"
     return Path(root) / "generated"
+
+
+@functools.cache
+def _render_dir(configured: str) -> Path:
+    """`configured` if it can be created and written, else a private temporary folder (one warning)."""
+    folder = Path(configured)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        return folder
+    except OSError as exc:
+        private = Path(tempfile.mkdtemp(prefix="dustin_kernels_generated_"))
+        warnings.warn(f"render cache {folder}: not usable ({type(exc).__name__}: {exc.strerror or exc}); rendering "
+                      f"into {private} for this process (set DUSTIN_CACHE_DIR to a writable folder)",
+                      RuntimeWarning, stacklevel=3)
+        return private
 
 
 @functools.cache
@@ -72,7 +94,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 @functools.cache
 def load(spec: KernelSpec) -> ModuleType:
     """Render `spec` (if changed), import the module, cache it for the process."""
-    path = cache_dir() / f"{spec.uri()}.py"
+    path = _render_dir(str(cache_dir())) / f"{spec.uri()}.py"
     _write_if_changed(path, render(spec))
     name = f"dustin_kernels._generated.{spec.uri()}"
     module_spec = importlib.util.spec_from_file_location(name, path)
