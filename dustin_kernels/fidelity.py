@@ -64,17 +64,18 @@ class Probe:
         self.layers: list[LayerFidelity] = []
         self.positions = 0  # window positions compared (active sequences)
         self.agreeing = 0  # of which the sparse and dense passes' argmax tokens agree
-        self._step = None  # (sparse attend, history tokens read int64[B], active bool[B]) of this step
+        self._step = None  # (the step's `policies.StepAttention`, active bool[B])
         self._layer = 0
 
-    def begin(self, sparse_attend, history: torch.Tensor, active: torch.Tensor) -> None:
-        """sparse_attend: the step's attention (ops contract); history int64[B]: history tokens it reads."""
-        self._step, self._layer = (sparse_attend, history, active), 0
+    def begin(self, attention, active: torch.Tensor) -> None:
+        """attention: the step's `policies.StepAttention` (its `read` gives each layer's history tokens)."""
+        self._step, self._layer = (attention, active), 0
 
     def attend(self, q, k_cache, v_cache, seq_lens):
         """The step's sparse attention, recording its fidelity against dense attention on these inputs."""
-        sparse_attend, history, active = self._step
-        out, lse = sparse_attend(q, k_cache, v_cache, seq_lens, return_lse=True)
+        attention, active = self._step
+        out, lse = attention(q, k_cache, v_cache, seq_lens, return_lse=True)
+        history = attention.read[-1]
         dense_out, dense_lse = dense_verify(q, k_cache, v_cache, seq_lens, return_lse=True)
         if self._layer == len(self.layers):
             self.layers.append(LayerFidelity())

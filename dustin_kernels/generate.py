@@ -15,11 +15,12 @@ length (tokens per verification: accepted drafts + 1) histogram and mean, new to
 the KV bytes the verification reads against dense verification. --fidelity also measures every sparse
 step against dense verification (`dustin_kernels/fidelity.py`: attention mass kept, its recall of each
 row's top-k mass, attention output error, greedy agreement; same tokens, slower, so no speed figures).
---demo needs no download: it builds a random model pair on the fly (tiny by default; --shape,
---layers for a preset's attention shape) whose heads are rigged to attend to planted needle words,
-and runs plain decoding and every policy (or --policy) on the same batch of --batch prompts of up to
---context tokens (--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed, --temperature,
---device, --dtype, --fidelity apply).
+--demo needs no download: it builds the retrieval testbed (`dustin_kernels/testbed.py`: a hand-built
+model pair whose heads really retrieve; tiny by default, --shape and --layers for a preset's
+attention shape) and runs plain decoding and every policy (or --policy) on the same batch of --batch
+needle prompts of up to --context tokens, with the recall of the values each prompt asks for
+(--max-new-tokens, --gamma, --budget, --m, --sink, --recent, --seed, --temperature, --device, --dtype,
+--fidelity, --profile apply).
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ import textwrap
 
 import torch
 
-from .models import DTYPES, ModelConfig, Transformer, init_random, load_model, load_tokenizer
+from . import testbed
+from .models import DTYPES, ModelConfig, load_model, load_tokenizer
 from .policies import POLICIES, RetrievalProfile, make_policy
-from .shapes import PRESETS, AttentionShape
+from .shapes import PRESETS
 from .speculative import Sampler, generate
 
 
@@ -55,11 +57,14 @@ def load_pair(target_dir, draft_dir, *, dtype=None, device="cpu"):
     return draft, target, tok_t
 
 
-def build_policies(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=print) -> dict:
-    """{name: policy} of --policy ('plain': None), with the retrieval profile of --profile, else the
-    documented default (said once). Bad --budget / --m / --sink / --recent fail here, before decoding."""
-    profile = None
-    if {"dustin", "draft-only", "target-only"} & set(args.policy):
+NEEDS_PROFILE = {"dustin", "dustin-paper", "draft-only", "target-only"}
+
+
+def build_policies(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=print, profile=None) -> dict:
+    """{name: policy} of --policy ('plain': None), with `profile`, else the retrieval profile of --profile,
+    else the documented default (said once). Bad --budget / --m / --sink / --recent fail here, before
+    decoding."""
+    if NEEDS_PROFILE & set(args.policy) and profile is None:
         if args.profile:
             profile = RetrievalProfile.load(args.profile, draft_cfg, target_cfg)
         else:
@@ -104,13 +109,14 @@ def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=No
 
 def print_table(rows: list[dict], fidelity: bool) -> None:
     """The policies side by side (see `compare`)."""
-    first = rows[0]["policy"]
-    print(f"{'policy':12} {'accept len':>10} {'tokens/s':>9} {'KV read vs dense':>17} {'same as ' + first:>21}"
+    first, recall = rows[0]["policy"], "recall" in rows[0]
+    print(f"{'policy':12}" + (f" {'recall':>7}" if recall else "") + f" {'accept len':>10} {'tokens/s':>9} "
+          f"{'KV read vs dense':>17} {'same as ' + first:>21}"
           + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if fidelity else ""))
     for r in rows:
         f = r["fidelity"]
-        print(f"{r['policy']:12} {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} "
-              f"{r['same_as_first']:21.1%}"
+        print(f"{r['policy']:12}" + (f" {r['recall']:7.1%}" if recall else "")
+              + f" {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} {r['same_as_first']:21.1%}"
               + (f" {f['mass_kept']:9.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f}" if f else ""))
     print(textwrap.fill(
         "accept len: tokens per verification; KV read: the verification's K/V bytes plus the scores' K bytes, "
@@ -194,62 +200,52 @@ def _policy_json(policy) -> dict:
         "target_heads": {str(k): list(v) for k, v in policy.target_heads.items()}}
 
 
-DEMO_TEXT = """speculative decoding lets a small draft model propose a few tokens that a large target model
-verifies in one pass . at long context the verification pass is bound by reading the key value cache of
-the target . dustin reads only a small well chosen set of history tokens : the first tokens , the most
-recent ones , the tokens the draft looks at while it speculates , and the tokens the target looked at
-for its last committed token . the window tokens are always attended . the rest is skipped"""
-
-
-def demo_tokenizer():
-    """A word-level tokenizer over the words of DEMO_TEXT (made with the `tokenizers` package)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<unk>", "<s>", "</s>"] + sorted(set(DEMO_TEXT.split()))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(words[:3])
-    return tok
-
-
-NEEDLES = ("dustin", "cache", "history")  # demo words that every head of the demo models attends to
-
-
-DEMO_SHAPE = AttentionShape(8, 2, 32, 6)  # the demo target: hidden 256, 6 layers
-
-
-def demo_models(vocab: int, needle_ids: list[int], seed: int = 0, late: float = 0.3, shape=DEMO_SHAPE,
-                max_len: int = 4096) -> tuple[Transformer, Transformer]:
-    """A random Qwen2-style target of `shape` (hidden = q_heads * head_dim, `shape.layers` layers) and,
-    as draft, its first 2 layers (self-speculative layer skipping; the later layers' outputs are scaled
-    by `late` so that the draft often agrees).
-
-    One planted pattern, so that the choice of history tokens matters as it does in long-context models
-    (whose retrieval heads attend to a few history tokens): the embeddings of `needle_ids` share a
-    direction u; every layer maps u to a key along the lowest-frequency RoPE pair and gives every query
-    a bias along the same pair, so each head puts most of its attention on the needle tokens."""
-    heads, kv_heads, dim = shape.q_heads, shape.kv_heads, shape.head_dim
-    hidden = heads * dim
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=shape.layers,
-                      num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, qkv_bias=True,
-                      max_position_embeddings=max_len, family="qwen2")
-    target = init_random(Transformer(cfg), seed).eval()
-    u = torch.randn(hidden, generator=torch.Generator().manual_seed(seed + 1))
-    u /= u.norm()
-    c = 24 ** 0.5 * dim ** 0.25  # scaled q.k of about 24 on a needle before the norms shrink it
-    with torch.no_grad():
-        target.embed_tokens.weight[needle_ids] += 5 * target.embed_tokens.weight.norm(dim=1).mean() * u
-        for i, layer in enumerate(target.layers):
-            attn = layer.self_attn
-            attn.k_proj.weight.view(kv_heads, dim, hidden)[:, dim // 2 - 1] += c * u / hidden ** 0.5
-            attn.q_proj.bias.view(heads, dim)[:, dim // 2 - 1] = c
-            if i >= 2:
-                attn.o_proj.weight.mul_(late)
-                layer.mlp.down_proj.weight.mul_(late)
-    draft = Transformer(ModelConfig(**{**cfg.__dict__, "num_layers": 2})).eval()
-    draft.load_state_dict({k: v for k, v in target.state_dict().items()
-                           if not k.startswith("layers.") or int(k.split(".")[1]) < 2})
-    return draft, target
+def demo(args) -> dict:
+    """The policies side by side on the retrieval testbed (`testbed.py`): each prompt asks for the values
+    of one planted needle, which the target copies only if its attention reaches the needle."""
+    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    device = torch.device(args.device or "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
+    default = testbed.TestbedSpec()
+    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else default.shape,
+                                layers=args.layers or default.shape.layers)
+    positions = max(default.max_positions, 1 << (args.context + args.max_new_tokens + args.gamma).bit_length())
+    spec = dataclasses.replace(default, shape=shape, max_positions=positions, seed=args.seed)
+    draft, target = testbed.models(spec, device=device, dtype=dtype)
+    prompts = [testbed.prompt(spec, n, seed=args.seed + b) for b, n in enumerate(demo_lengths(args.context, args.batch))]
+    ids, expected = [p for p, _ in prompts], [v for _, v in prompts]
+    profile = RetrievalProfile.load(args.profile, draft.config, target.config) if args.profile else testbed.profile(spec)
+    policies = build_policies(args, draft.config, target.config, profile=profile)
+    budget = next((p.budget for p in policies.values() if hasattr(p, "budget")), None)
+    tokenizer = testbed.tokenizer(spec)
+    say(textwrap.fill(
+        f"dustin_kernels demo: the retrieval testbed, a hand-built model pair whose attention really retrieves "
+        f"(no download). Each prompt holds filler words, 4 needles (a key word and 8 value words) and, last, one "
+        f"needle's key: the target answers with that needle's values, which it can only copy by attending to "
+        f"them. Target: {shape.layers}-layer {spec.family} ({shape.q_heads} q / {shape.kv_heads} KV heads of "
+        f"{shape.head_dim}); draft: 2 layers, a noisier copy of its retrieval heads. Batch of {len(ids)} prompts "
+        f"({', '.join(str(len(i)) for i in ids)} tokens), {args.max_new_tokens} new tokens, gamma {args.gamma}"
+        + (f", budget {budget} history tokens" if budget else "")
+        + (", greedy" if args.temperature == 0 else f", temperature {args.temperature}")
+        + f", {device}, {str(dtype).removeprefix('torch.')}. Retrieval heads: "
+        + (f"{args.profile}." if args.profile else "the testbed's own (what `calibrate` finds on it)."), 110))
+    rows = compare(draft, target, ids, policies, args, eos_ids=(), decode=tokenizer.decode)
+    for row in rows:
+        row["recall"] = sum(map(testbed.recall, row["token_ids"], expected)) / len(expected)
+    if not args.json:
+        print_table(rows, args.fidelity)
+        print(f"asked for: {tokenizer.decode(expected[0])}")
+        for row in rows:
+            print(f"  {row['policy']:12} {row['text']}")
+        print(textwrap.fill(
+            "recall: share of the asked values generated in place. plain: the target alone; dense: speculative "
+            "decoding with dense verification. Timings of small models on a CPU only show the mechanics; the "
+            "speedups need a GPU and long contexts (--device cuda --shape qwen2.5-7b --layers 12 --context 32768 "
+            "--batch 4 --budget 512).", 110))
+    return {"demo": True, "testbed": dataclasses.asdict(spec), "prompt_tokens": [len(i) for i in ids],
+            "expected": expected, "rows": rows}
 
 
 def demo_lengths(context: int, batch: int) -> list[int]:
@@ -257,75 +253,21 @@ def demo_lengths(context: int, batch: int) -> list[int]:
     return [context - (3 * context * i) // (10 * max(batch - 1, 1)) for i in range(batch)]
 
 
-def demo_prompts(tokenizer, lengths=(1000, 700), needles=30, seed=0) -> list[list[int]]:
-    """Random demo words with `needles` needle words planted in each prompt (ragged lengths)."""
-    g = torch.Generator().manual_seed(seed)
-    words = [w for w in DEMO_TEXT.split() if w not in NEEDLES]
-    prompts = []
-    for n in lengths:
-        text = [words[i] for i in torch.randint(len(words), (n,), generator=g).tolist()]
-        for pos in torch.randperm(n - 40, generator=g)[:needles].tolist():
-            text[pos + 20] = NEEDLES[pos % len(NEEDLES)]
-        prompts.append(tokenizer.encode(" ".join(text)).ids)
-    return prompts
-
-
-def demo(args) -> dict:
-    """The policies side by side on a random model pair with planted needles (its text is noise)."""
-    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    device = torch.device(args.device or "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
-    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else DEMO_SHAPE,
-                                layers=args.layers or DEMO_SHAPE.layers)
-    tokenizer = demo_tokenizer()
-    draft, target = demo_models(tokenizer.get_vocab_size(), [tokenizer.token_to_id(w) for w in NEEDLES], args.seed,
-                                shape=shape, max_len=max(4096, args.context + args.max_new_tokens + args.gamma + 1))
-    draft, target = draft.to(device, dtype), target.to(device, dtype)
-    ids = demo_prompts(tokenizer, demo_lengths(args.context, args.batch), seed=args.seed)
-    profile = RetrievalProfile.default(draft.config, target.config)
-    policies = build_policies(args, draft.config, target.config, say=lambda msg: None)  # the header says it
-    budget = next((p.budget for p in policies.values() if hasattr(p, "budget")), None)
-    say(textwrap.fill(
-        f"dustin_kernels demo: the models have RANDOM weights (made on the fly, no download), so their text is "
-        f"noise; every head is rigged to attend mostly to {len(NEEDLES)} 'needle' words planted in the prompts. "
-        f"Target: {shape.layers}-layer Qwen2-style model (hidden {shape.q_heads * shape.head_dim}, {shape.q_heads} "
-        f"q / {shape.kv_heads} KV heads of {shape.head_dim}); draft: its first 2 layers. Batch of {len(ids)} "
-        f"prompts ({', '.join(str(len(i)) for i in ids)} tokens), {args.max_new_tokens} new tokens, gamma "
-        f"{args.gamma}" + (f", budget {budget} history tokens" if budget else "")
-        + (", greedy" if args.temperature == 0 else f", temperature {args.temperature}")
-        + f", {device}, {str(dtype).removeprefix('torch.')}. Default retrieval heads (no profile): all q heads of "
-        f"draft layers {sorted(profile.draft_heads)} and of target layer {profile.target_layer}.", 110))
-    rows = compare(draft, target, ids, policies, args, eos_ids=(), decode=tokenizer.decode)
-    if not args.json:
-        print_table(rows, args.fidelity)
-        shown = next((r for r in rows if r["policy"] == "dustin"), rows[0])
-        print(f"text ({shown['policy']}, noise): {shown['text'][:90]} ...")
-        print(textwrap.fill(
-            "plain: the target alone; dense: speculative decoding with dense verification."
-            + (" Streaming (sink + recent) misses the needles and drifts from the target; Dustin's selection keeps "
-               "them." if "streaming" in policies else "")
-            + " Timings of small models on a CPU only show the mechanics; the speedups need a GPU and long "
-              "contexts (--device cuda --shape qwen2.5-7b --context 32768 --batch 4 --budget 512).", 110))
-    return {"demo": True, "random_weights": True, "shape": dataclasses.asdict(shape),
-            "prompt_tokens": [len(i) for i in ids], "rows": rows}
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dustin_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="random model pair made on the fly; policies side by side")
+    p.add_argument("--demo", action="store_true", help="the retrieval testbed pair, built on the fly; policies side "
+                   "by side")
     p.add_argument("--shape", choices=sorted(PRESETS), help="--demo: the target's attention shape (hidden = q "
-                   "heads x head dim; default 8 q / 2 KV heads of 32)")
-    p.add_argument("--layers", type=int, help="--demo: target layers (default 6; the draft is its first 2)")
-    p.add_argument("--context", type=int, default=1000, help="--demo: tokens of the longest prompt (default 1000)")
+                   "heads x head dim; default 4 q / 2 KV heads of 64)")
+    p.add_argument("--layers", type=int, help="--demo: target layers (default 4; the draft has 2)")
+    p.add_argument("--context", type=int, default=4096, help="--demo: tokens of the longest prompt (default 4096)")
     p.add_argument("--batch", type=int, default=2, help="--demo: prompts, from --context down to 0.7x (default 2)")
     p.add_argument("--target", help="target checkpoint folder")
     p.add_argument("--draft", help="draft checkpoint folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", help="a file holding one prompt (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 64 with --demo")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 8 (the asked values) with --demo")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (the target verifies gamma + 1)")
     p.add_argument("--policy", nargs="+", action="extend", choices=("plain",) + POLICIES, default=None,
                    help="verification policy, or several to compare side by side ('plain': the target alone; "
@@ -356,12 +298,10 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens and --gamma must be >= 1")
     if not args.demo and not (args.target and args.draft):
         p.error("--target and --draft are required (or --demo)")
-    if args.demo and (args.layers is not None and args.layers < 3 or args.context < 50 or args.batch < 1):
-        p.error("--demo: --layers must be >= 3 (the draft is the first 2), --context >= 50, --batch >= 1")
-    if args.demo and args.profile:
-        p.error("--profile: the --demo models are made on the fly; they use the default retrieval heads")
+    if args.demo and (args.layers is not None and args.layers < 2 or args.context < 100 or args.batch < 1):
+        p.error("--demo: --layers must be >= 2, --context >= 100, --batch >= 1")
     args.policy = list(dict.fromkeys(args.policy or (["plain", *POLICIES] if args.demo else ["dustin"])))
-    args.max_new_tokens = args.max_new_tokens or (64 if args.demo else 128)
+    args.max_new_tokens = args.max_new_tokens or (8 if args.demo else 128)
     try:
         out = demo(args) if args.demo else run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -1,17 +1,24 @@
 """Verification policies: which history tokens the target attends to at a speculative step.
 
-A policy is a small object with one method, `select(ctx) -> (idx, count) | None` (None: dense
-verification), and two attributes naming the queries the driver must capture for it:
-`draft_heads` / `target_heads`, dicts {layer: q-head indices}. The index it returns is shared by every
-target layer (one `sparse_verify` per layer with the same `idx`, `count`).
+A policy is a small object with one method, `attention(ctx) -> StepAttention`: the target's attention
+for one verification pass, called by its layers in order with the ops' contract. Most policies choose
+one selection per step, shared by every target layer (`select(ctx) -> (idx, count) | None`, None: dense);
+a refining policy replaces it from a layer's own window queries. Two attributes name the queries the
+driver must capture for it: `draft_heads` / `target_heads`, dicts {layer: q-head indices}.
 
 - `dense`: plain speculative decoding, every history token.
-- `dustin`: sink + recent, then the top m by the draft lookahead S_draft (the draft's gamma speculated
-  queries on its retrieval heads, summed over its retrieval layers), then the rest of the budget by the
-  target history S_target (the target's last committed query on the retrieval heads of one layer,
-  scored over the full history for those heads only).
-- `draft-only` / `target-only`: the same with one signal filling the whole free budget.
+- `dustin`: sink + recent, then the top m by the draft lookahead S_draft (the draft's queries of the T
+  window tokens on its retrieval heads, summed over its retrieval layers), then the rest of the budget
+  by the target: the layers before the target's retrieval layer read sink + recent + the draft's choice
+  (the draft fills the budget); at the retrieval layer the T window queries of its retrieval heads
+  score the history (the K bytes the paper's estimation reads) and the selection is redone with them;
+  that layer and the later ones read the refined selection.
+- `dustin-paper`: the paper's rule, one selection for every layer, the target signal S_target being
+  the target's last committed query on its retrieval heads, scored over the full history.
+- `draft-only` / `target-only`: the paper's rule with one signal filling the whole free budget.
 - `streaming`: StreamingLLM, the `sink` first and the `budget - sink` last history tokens.
+- `quest`: Quest-style pages of 16 tokens, chosen in every layer by an upper bound of q.k from each
+  page's per-dimension min / max keys, aggregated over the layer's heads and window rows.
 
 Retrieval heads and layers come from a calibration profile (`python -m dustin_kernels.calibrate`);
 without one, `RetrievalProfile.default`: every q head of the draft layers at 1/4, 1/2 and 3/4 of its
@@ -25,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from . import attention_scores, select_tokens
+from . import attention_scores, dense_verify, select_tokens, sparse_verify
 from .models import KVCache, ModelConfig
 
-POLICIES = ("dense", "dustin", "draft-only", "target-only", "streaming")
+POLICIES = ("dense", "dustin", "dustin-paper", "draft-only", "target-only", "streaming", "quest")
 PROFILE_FORMAT = "dustin-profile/1"
 
 
@@ -37,7 +44,7 @@ class VerifyContext:
     """What a policy may read at one speculative step (T = gamma + 1 window tokens).
 
     lens: int32[B] history tokens (cache entries before the window); draft_queries: {draft layer:
-    [B, Hq, gamma, D]} queries of the gamma speculated tokens (positions lens + 1 .. lens + gamma);
+    [B, Hq, T, D]} the draft's queries of the T window tokens (positions lens .. lens + gamma);
     draft_cache: holds the window already; target_queries: {target layer: [B, Hq, 1, D]} query of the
     last committed token (position lens - 1); target_cache: history only.
     """
@@ -97,15 +104,75 @@ class RetrievalProfile:
                 "target_layer": self.target_layer, "target_heads": list(self.target_heads), "m": self.m, **extra}
 
 
-class Dense:
-    """Plain speculative decoding: the target attends to its whole history."""
-    name = "dense"
-    block_size = 1
-    draft_heads: dict = {}
-    target_heads: dict = {}
+def history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int64[B]: history tokens a selection covers (a last block may be partial); None: all of them."""
+    if selection is None:
+        return lens.long()
+    idx, count = selection
+    used = torch.arange(idx.shape[1], device=idx.device)[None] < count[:, None]
+    start = idx.long().clamp(min=0) * block_size
+    return torch.where(used, (lens.long()[:, None] - start).clamp(0, block_size), 0).sum(1)
+
+
+class StepAttention:
+    """The target's attention at one verification step, called by its layers in order with the ops'
+    contract `(q, k_cache, v_cache, seq_lens, **kw)`: each layer attends to the current selection
+    (`sparse_verify`; None: `dense_verify`). `refine(layer, q, k_cache, seq_lens, selection)`, when
+    given, returns the selection for this layer and the next ones. `read`: history tokens read per
+    layer, int64[B] each."""
+
+    def __init__(self, lens: torch.Tensor, block_size: int = 1, selection=None, refine=None):
+        self.lens, self.block_size, self.selection, self.refine = lens, block_size, selection, refine
+        self.read: list[torch.Tensor] = []
+
+    @property
+    def dense(self) -> bool:
+        """Every layer attends to the whole history."""
+        return self.selection is None and self.refine is None
+
+    def __call__(self, q, k_cache, v_cache, seq_lens, **kw):
+        if self.refine is not None:
+            self.selection = self.refine(len(self.read), q, k_cache, seq_lens, self.selection)
+        self.read.append(history_read(self.selection, self.lens, self.block_size))
+        if self.selection is None:
+            return dense_verify(q, k_cache, v_cache, seq_lens, **kw)
+        idx, count = self.selection
+        return sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, block_size=self.block_size, **kw)
+
+
+def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsize: int) -> int:
+    """K bytes that scoring `tokens` [B] keys per sequence reads for the KV heads that the q heads of
+    `heads_of` {layer: q heads} use."""
+    group = config.num_heads // config.num_kv_heads
+    kv_heads = sum(len({h // group for h in heads}) for heads in heads_of.values())
+    return kv_heads * config.head_dim * itemsize * int(tokens.sum())
+
+
+class Policy:
+    """What every policy does with its one selection per step (`select`); no scores by default."""
 
     def select(self, ctx: VerifyContext):
         return None
+
+    def attention(self, ctx: VerifyContext) -> StepAttention:
+        return StepAttention(ctx.lens, self.block_size, self.select(ctx))
+
+    def score_bytes(self, draft, target, lens, window: int, active) -> int:
+        """K bytes the policy's scores read at a step (active sequences)."""
+        return 0
+
+
+class Dense(Policy):
+    """Plain speculative decoding: the target attends to its whole history."""
+    name = "dense"
+    block_size = 1
+    draft_heads = {}
+    target_heads = {}
+
+
+def no_scores(ctx: VerifyContext, block_size: int) -> torch.Tensor:
+    """float32[B, blocks of the cache] of zeros: a score row that prefers no block (ties: lower block)."""
+    return torch.zeros(ctx.lens.shape[0], -(-ctx.target_cache.max_len // block_size), device=ctx.lens.device)
 
 
 def _check_budget(budget, sink, recent) -> None:
@@ -117,8 +184,10 @@ def _check_budget(budget, sink, recent) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dustin:
-    """Dustin's selection (also `draft-only` / `target-only` when one of the head dicts is empty)."""
+class Dustin(Policy):
+    """Dustin's selection. refine=False: the paper's rule (also `draft-only` / `target-only` when one of
+    the head dicts is empty). refine=True: the target signal comes from the window queries of its
+    retrieval layer (one entry in target_heads), inside the verification pass."""
     draft_heads: dict[int, tuple[int, ...]]
     target_heads: dict[int, tuple[int, ...]]
     budget: int = 512
@@ -127,6 +196,7 @@ class Dustin:
     recent: int = 16
     block_size: int = 1
     name: str = "dustin"
+    refine: bool = False
 
     def __post_init__(self):
         _check_budget(self.budget, self.sink, self.recent)
@@ -134,26 +204,58 @@ class Dustin:
             raise ValueError(f"m: expected an int in [0, budget={self.budget}], got {self.m!r}")
         if not self.draft_heads and not self.target_heads:
             raise ValueError("draft_heads, target_heads: at least one signal needs retrieval heads")
+        if self.refine and len(self.target_heads) != 1:
+            raise ValueError(f"target_heads: refining reads one target layer, got {sorted(self.target_heads)}")
+
+    def _select(self, s_draft, s_target, seq_lens, window: int):
+        return select_tokens(s_draft, s_target, seq_lens, budget=self.budget, m=self.m, sink=self.sink,
+                             recent=self.recent, window=window, block_size=self.block_size)
+
+    def draft_scores(self, ctx: VerifyContext):
+        """S_draft float32[B, blocks] (None without draft heads): the draft's T window queries."""
+        s_draft = None
+        for layer, heads in self.draft_heads.items():
+            s = attention_scores(ctx.draft_queries[layer], ctx.draft_cache.k[layer], ctx.lens + ctx.window,
+                                 heads=heads, block_size=self.block_size)
+            s_draft = s if s_draft is None else s_draft + s
+        return s_draft
 
     def select(self, ctx: VerifyContext):
-        seq_lens = ctx.lens + ctx.window
-        bs = self.block_size
-        s_draft = s_target = None
-        for layer, heads in self.draft_heads.items():
-            s = attention_scores(ctx.draft_queries[layer], ctx.draft_cache.k[layer], seq_lens, heads=heads,
-                                 block_size=bs)
-            s_draft = s if s_draft is None else s_draft + s
-        for layer, heads in self.target_heads.items():
-            # the committed query sits at lens - 1; a sequence without history has nothing to select
-            s = attention_scores(ctx.target_queries[layer], ctx.target_cache.k[layer], ctx.lens.clamp(min=1),
-                                 heads=heads, block_size=bs)
-            s_target = s if s_target is None else s_target + s
-        return select_tokens(s_draft, s_target, seq_lens, budget=self.budget, m=self.m, sink=self.sink,
-                             recent=self.recent, window=ctx.window, block_size=bs)
+        """The first selection (the only one without refine)."""
+        s_target = None
+        if not self.refine:
+            for layer, heads in self.target_heads.items():
+                # the committed query sits at lens - 1; a sequence without history has nothing to select
+                s = attention_scores(ctx.target_queries[layer], ctx.target_cache.k[layer], ctx.lens.clamp(min=1),
+                                     heads=heads, block_size=self.block_size)
+                s_target = s if s_target is None else s_target + s
+        return self._select(self.draft_scores(ctx), s_target, ctx.lens + ctx.window, ctx.window)
+
+    def attention(self, ctx: VerifyContext) -> StepAttention:
+        if not self.refine:
+            return StepAttention(ctx.lens, self.block_size, self.select(ctx))
+        s_draft = self.draft_scores(ctx)
+        ((at, heads),) = self.target_heads.items()
+
+        def refine(layer, q, k_cache, seq_lens, selection):
+            if layer != at:
+                return selection
+            s_window = attention_scores(q, k_cache, seq_lens, heads=heads, block_size=self.block_size)
+            return self._select(s_draft, s_window, seq_lens, ctx.window)
+
+        first = self._select(s_draft, None if s_draft is not None else no_scores(ctx, self.block_size),
+                             ctx.lens + ctx.window, ctx.window)  # sink + recent + the draft's choice
+        return StepAttention(ctx.lens, self.block_size, first, refine)
+
+    def score_bytes(self, draft, target, lens, window: int, active) -> int:
+        """The draft's retrieval layers over history + window, the target's over the history."""
+        lens = lens.long() * active
+        return (key_bytes(draft.config, self.draft_heads, lens + window * active, draft.dtype.itemsize)
+                + key_bytes(target.config, self.target_heads, lens, target.dtype.itemsize))
 
 
 @dataclasses.dataclass(frozen=True)
-class Streaming:
+class Streaming(Policy):
     """StreamingLLM: the `sink` first and the `budget - sink` last history tokens."""
     budget: int = 512
     sink: int = 4
@@ -166,27 +268,74 @@ class Streaming:
         _check_budget(self.budget, self.sink, 0)
 
     def select(self, ctx: VerifyContext):
-        seq_lens = ctx.lens + ctx.window
-        blocks = -(-ctx.target_cache.max_len // self.block_size)
-        zeros = torch.zeros(seq_lens.shape[0], blocks, device=seq_lens.device)
-        return select_tokens(None, zeros, seq_lens, budget=self.budget, m=0, sink=self.sink,
+        return select_tokens(None, no_scores(ctx, self.block_size), ctx.lens + ctx.window, budget=self.budget, m=0,
+                             sink=self.sink,
                              recent=self.budget - self.sink, window=ctx.window, block_size=self.block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quest(Policy):
+    """Quest (Tang et al., 2024), shared over heads: in every layer, pages of `block_size` history
+    tokens ranked by the upper bound sum_d max(q_d * kmin_d, q_d * kmax_d) of q.k over the page, as a
+    softmax over pages per (q head, window row) summed over them; the top `budget` pages, the last
+    (partial) page always among them. Page min / max keys are kept up to date by a real implementation
+    (2 vectors per page and KV head, counted in score_bytes); here they are computed from the cache."""
+    budget: int = 32
+    block_size: int = 16
+    name: str = "quest"
+    draft_heads = {}
+    target_heads = {}
+
+    def __post_init__(self):
+        _check_budget(self.budget, 0, 1)
+
+    def attention(self, ctx: VerifyContext) -> StepAttention:
+        def select(layer, q, k_cache, seq_lens, selection):
+            scores = page_bounds(q, k_cache, ctx.lens, self.block_size)
+            return select_tokens(None, scores, seq_lens, budget=self.budget, m=0, sink=0, recent=1,
+                                 window=ctx.window, block_size=self.block_size)
+
+        return StepAttention(ctx.lens, self.block_size, None, select)
+
+    def score_bytes(self, draft, target, lens, window: int, active) -> int:
+        pages = -(-lens.long() * active // self.block_size)
+        c = target.config
+        return 2 * c.num_layers * key_bytes(c, {0: range(c.num_heads)}, pages, target.dtype.itemsize)
+
+
+def page_bounds(q, k_cache, lens, page: int) -> torch.Tensor:
+    """float32[B, ceil(N_max / page)]: Quest's page scores. q [B, Hq, T, D]; keys at positions >= lens[b]
+    (the window, stale entries) are not part of any page."""
+    B, Hq, T, D = q.shape
+    Hkv, N = k_cache.shape[1], k_cache.shape[2]
+    pages = -(-N // page)
+    valid = (torch.arange(pages * page, device=q.device)[None] < lens.long()[:, None]).view(B, 1, pages, page, 1)
+    k = torch.nn.functional.pad(k_cache.float(), (0, 0, 0, pages * page - N)).view(B, Hkv, pages, page, D)
+    kmax = torch.where(valid, k, -torch.inf).amax(3)  # [B, Hkv, pages, D]
+    kmin = torch.where(valid, k, torch.inf).amin(3)
+    qf = q.float().reshape(B, Hkv, Hq // Hkv * T, 1, D)
+    bound = torch.maximum(qf * kmax[:, :, None], qf * kmin[:, :, None]).sum(-1) * D ** -0.5  # [B, Hkv, G*T, pages]
+    bound = bound.masked_fill(~valid.view(B, 1, 1, pages, page).any(-1), -torch.inf)  # pages without history
+    return torch.softmax(bound, -1).nan_to_num(0.0).sum((1, 2))
 
 
 def make_policy(name: str, profile: RetrievalProfile | None = None, *, budget: int = 512, m: int | None = None,
                 sink: int = 4, recent: int = 16, block_size: int = 1):
-    """The policy `name` (one of POLICIES); budget, m, sink, recent count blocks of block_size tokens.
-    m defaults to the profile's, else budget // 4. `profile` is needed by dustin / draft-only / target-only."""
+    """The policy `name` (one of POLICIES); budget, m, sink, recent count blocks of block_size tokens
+    (quest: pages of 16 tokens, budget // 16 of them). m defaults to the profile's, else budget // 4.
+    `profile` is needed by the dustin variants, draft-only and target-only."""
     if name not in POLICIES:
         raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {name!r}")
     if name == "dense":
         return Dense()
     if name == "streaming":
         return Streaming(budget, sink, block_size)
+    if name == "quest":
+        return Quest(max(budget * block_size // 16, 1))
     _check_budget(budget, sink, recent)
     if profile is None:
         raise ValueError(f"profile: policy {name!r} needs retrieval heads (RetrievalProfile)")
     m = m if m is not None else profile.m if profile.m is not None else budget // 4
     draft = profile.draft_heads if name != "target-only" else {}
     target = {profile.target_layer: profile.target_heads} if name != "draft-only" else {}
-    return Dustin(draft, target, budget, m, sink, recent, block_size, name)
+    return Dustin(draft, target, budget, m, sink, recent, block_size, name, refine=name == "dustin")

@@ -5,9 +5,9 @@ caches: prompts are right-padded only in the prefill input, and each sequence ha
 The last committed token, `pending`, is not in the caches yet. One step (`speculative_step`):
 
 1. the draft runs gamma + 1 single-token passes from `pending`, proposing d_1 .. d_gamma (the last
-   pass writes d_gamma's K/V and yields the queries of the gamma speculated tokens);
+   pass writes d_gamma's K/V); the passes yield the draft's queries of all T = gamma + 1 window tokens;
 2. the policy chooses the history the target reads (`policies.py`); the target runs one pass over
-   the T = gamma + 1 window [pending, d_1 .. d_gamma] through `dense_verify` or `sparse_verify`;
+   the window [pending, d_1 .. d_gamma], each layer through `dense_verify` or `sparse_verify`;
 3. acceptance: greedy (longest prefix where d_i equals the target's argmax, then the target's token)
    or sampling (accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
    from the residual norm(max(0, p_i - q_i)); after gamma acceptances draw from p_{gamma+1}, the
@@ -23,13 +23,12 @@ two vocab_size (rows past it are padding).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import NamedTuple, Sequence
 
 import torch
 
-from . import dense_verify, sparse_verify, trusted_inputs
+from . import dense_verify, trusted_inputs
 from .fidelity import Probe
 from .models import KVCache, Transformer
 from .policies import Dense, VerifyContext
@@ -107,7 +106,7 @@ class Step(NamedTuple):
     tokens: torch.Tensor  # int64[B, gamma + 1]: accepted drafts then the target's token; first counts[b] valid
     counts: torch.Tensor  # int64[B]: tokens emitted (accepted + 1; 0 for finished sequences)
     state: State
-    read_tokens: int  # history + window tokens the verification read per target layer, active sequences
+    read_tokens: int  # history + window tokens the verification read, summed over target layers (active sequences)
     dense_tokens: int  # the same for dense verification
 
 
@@ -136,16 +135,6 @@ def start(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequ
     return draft_cache, target_cache, state
 
 
-def _history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """History tokens [B] the selected blocks cover (a last block may be partial)."""
-    if selection is None:
-        return lens.long()
-    idx, count = selection
-    used = torch.arange(idx.shape[1], device=idx.device)[None] < count[:, None]
-    start = idx.long().clamp(min=0) * block_size
-    return torch.where(used, (lens.long()[:, None] - start).clamp(0, block_size), 0).sum(1)
-
-
 @torch.no_grad()
 @trusted_inputs()  # lengths and selections are built by this driver: no per-layer host syncs to check them
 def speculative_step(draft: Transformer | None, target: Transformer, draft_cache: KVCache | None,
@@ -160,9 +149,8 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     drafts, draft_probs, draft_queries = [], [], {layer: [] for layer in policy.draft_heads}
     for i in range(T if gamma else 0):
         hidden, queries = draft(token, draft_cache, lens + i, capture=policy.draft_heads)
-        if i:  # the pass over speculated token d_i: its queries feed S_draft
-            for layer, q in queries.items():
-                draft_queries[layer].append(q)
+        for layer, q in queries.items():  # S_draft covers every verified row: pending, d_1 .. d_gamma
+            draft_queries[layer].append(q)
         if i == gamma:
             break
         logits = draft.logits(hidden[:, -1])[:, :vocab]
@@ -176,15 +164,13 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
 
     ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()}, draft_cache,
                         state.target_queries, target_cache)
-    selection = policy.select(ctx)
-    attend = dense_verify if selection is None else functools.partial(
-        sparse_verify, idx=selection[0], count=selection[1], block_size=policy.block_size)
-    history = _history_read(selection, lens, policy.block_size)
+    attention = policy.attention(ctx)
     window = torch.cat([state.pending[:, None], drafts], 1)
-    probed = probe is not None and selection is not None
+    probed = probe is not None and not attention.dense
+    attend = attention
     if probed:  # the dense pass first: the sparse one rewrites the window's K/V
         dense_hidden, _ = target(window, target_cache, lens, attend=dense_verify)
-        probe.begin(attend, history, state.active)
+        probe.begin(attention, state.active)
         attend = probe.attend
     hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
     logits = target.logits(hidden)[..., :vocab]
@@ -207,24 +193,9 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         target_queries={layer: torch.where(active[:, None, None, None], q[rows, :, n][:, :, None],
                                            state.target_queries[layer]) for layer, q in queries.items()},
         active=active)
-    read = int(((history + T) * active).sum())
-    dense = int(((lens.long() + T) * active).sum())
+    read = int(sum(((history + T) * active).sum() for history in attention.read))
+    dense = int(((lens.long() + T) * active).sum()) * len(attention.read)
     return Step(tokens, counts, new_state, read, dense)
-
-
-def score_bytes(policy, draft: Transformer | None, target: Transformer, lens: torch.Tensor, T: int,
-                active: torch.Tensor) -> int:
-    """K bytes the policy's scores read at a step: the draft's retrieval layers over history + window,
-    the target's over the history, for the KV heads their q heads use (active sequences)."""
-    total = 0
-    signals = ((policy.draft_heads, draft, lens.long() + T), (policy.target_heads, target, lens.long()))
-    for heads_of, model, n in signals:
-        if heads_of:
-            c = model.config
-            group = c.num_heads // c.num_kv_heads
-            kv_heads = sum(len({h // group for h in heads}) for heads in heads_of.values())
-            total += kv_heads * c.head_dim * model.dtype.itemsize * int((n * active).sum())
-    return total
 
 
 @dataclasses.dataclass
@@ -304,7 +275,7 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     draft_cache, target_cache, state = start(draft, target, prompts, max_len or need, policy, chunk=chunk)
     done = [n == 0 for n in max_new]
     state.active = torch.tensor([not d for d in done], device=target.device)
-    per_token = target_cache.kv_bytes_per_token()
+    per_token = target_cache.kv_bytes_per_token() // target.config.num_layers  # per layer
     out: list[list[int]] = [[] for _ in prompts]
     stats.prefill_s = time.perf_counter() - begin
     begin = time.perf_counter()
@@ -312,7 +283,7 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
 
     with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
         while not all(done):
-            stats.score_bytes += score_bytes(policy, draft, target, state.lens, gamma + 1, state.active)
+            stats.score_bytes += policy.score_bytes(draft, target, state.lens, gamma + 1, state.active)
             step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
             tokens, counts = step.tokens.tolist(), step.counts.tolist()
             before = sum(map(len, out))

@@ -1,6 +1,5 @@
 """Fidelity probe: its per-layer figures against a float64 computation, and probed generations (same
 tokens as unprobed ones; exact figures when the budget holds the whole history)."""
-import functools
 import math
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from dustin_kernels import ref, sparse_verify
 from dustin_kernels.fidelity import Probe
-from dustin_kernels.policies import Dense, RetrievalProfile, make_policy
+from dustin_kernels.policies import Dense, RetrievalProfile, StepAttention, make_policy
 from dustin_kernels.speculative import generate
 from test_speculative import PROMPTS, layer_skip_draft, tiny
 
@@ -50,12 +49,12 @@ def test_probe_figures_match_float64():
     idx[2, :5] = torch.tensor([0, 5, 6, 7, 27])
     count = torch.tensor([6, 4, 5], dtype=torch.int32)
     active = torch.tensor([True, True, False])  # the last is a finished sequence: not counted
-    history = torch.tensor([6, 4, 5])
-    attend = functools.partial(sparse_verify, idx=idx, count=count, block_size=1)
+    attention = StepAttention(seq_lens - T, 1, (idx, count))
     probe = Probe()
-    probe.begin(attend, history, active)
+    probe.begin(attention, active)
     out = probe.attend(q, k, v, seq_lens)
-    torch.testing.assert_close(out, attend(q, k, v, seq_lens))  # the sparse output, unchanged
+    assert attention.read[0].tolist() == [6, 4, 5]
+    torch.testing.assert_close(out, sparse_verify(q, k, v, seq_lens, idx, count))  # the sparse output, unchanged
     kept, recall, error = float64_figures(q, k, v, seq_lens, idx, count, active)
     (layer,) = probe.layers
     got = layer.summary()

@@ -9,6 +9,7 @@ import torch
 
 from dustin_kernels import calibrate, generate
 from dustin_kernels.models import load_model
+from dustin_kernels.policies import POLICIES
 
 pytest.importorskip("transformers")
 from test_models import make_checkpoint, make_tokenizer_json  # noqa: E402  (tests/ is on sys.path)
@@ -139,31 +140,37 @@ def test_calibrate_bad_arguments(pair, capsys, tmp_path, argv, message):
 
 
 def test_demo_json(capsys):
-    code, out, err = run_cli(capsys, "--demo", "--json", "--max-new-tokens", 24, "--fidelity")
+    """The demo runs the retrieval testbed: dense verification recalls every asked value, Dustin at a
+    budget of 64 too, StreamingLLM none."""
+    code, out, err = run_cli(capsys, "--demo", "--json", "--context", 1000, "--fidelity")
     assert code == 0, err
-    assert "RANDOM weights" in err and "noise" in err
+    err = " ".join(err.split())  # the header is wrapped
+    assert "retrieval testbed" in err and "Batch of 2 prompts (1000, 700 tokens)" in err
     result = json.loads(out)
-    assert result["random_weights"] is True
     rows = {r["policy"]: r for r in result["rows"]}
-    assert list(rows) == ["plain", "dense", "dustin", "draft-only", "target-only", "streaming"]
+    assert list(rows) == ["plain", *POLICIES]
+    assert rows["plain"]["recall"] == rows["dense"]["recall"] == rows["dustin"]["recall"] == 1.0
+    assert rows["streaming"]["recall"] == 0.0
     assert rows["dense"]["same_as_first"] == 1.0 and rows["dense"]["mean_accept"] > 1.5
-    assert rows["dustin"]["kv_fraction"] < 0.5
-    assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"]
+    assert rows["streaming"]["kv_fraction"] < rows["dustin"]["kv_fraction"] < 0.5
     assert rows["plain"]["fidelity"] is None and rows["dense"]["fidelity"] is None  # nothing to compare
-    assert rows["dustin"]["fidelity"]["mass_kept"] > 0.99 > 0.5 > rows["streaming"]["fidelity"]["mass_kept"]
+    assert rows["dustin"]["fidelity"]["greedy_agreement"] == 1.0 > rows["streaming"]["fidelity"]["greedy_agreement"]
+    assert [len(e) for e in result["expected"]] == [8, 8]
 
 
 def test_demo_of_a_preset_shape_and_a_longer_batch(capsys):
     code, out, err = run_cli(capsys, "--demo", "--shape", "cpu-small", "--layers", 3, "--context", 300, "--batch", 3,
-                             "--max-new-tokens", 8, "--budget", 32, "--policy", "plain", "dense", "dustin", "--json")
+                             "--budget", 32, "--policy", "plain", "dense", "dustin", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["shape"] == {"q_heads": 8, "kv_heads": 2, "head_dim": 64, "layers": 3}
-    assert "hidden 512, 8 q / 2 KV heads of 64" in err and "Batch of 3 prompts" in err
+    assert result["testbed"]["shape"] == {"q_heads": 8, "kv_heads": 2, "head_dim": 64, "layers": 3}
+    err = " ".join(err.split())  # the header is wrapped
+    assert "3-layer qwen2 (8 q / 2 KV heads of 64)" in err and "Batch of 3 prompts" in err
     lengths = result["prompt_tokens"]
     assert len(lengths) == 3 and lengths[0] > lengths[1] > lengths[2] >= 0.7 * lengths[0] - 20
     rows = {r["policy"]: r for r in result["rows"]}
     assert list(rows) == ["plain", "dense", "dustin"] and rows["dense"]["same_as_first"] == 1.0
+    assert rows["dense"]["recall"] == rows["dustin"]["recall"] == 1.0
     assert rows["dustin"]["kv_fraction"] < 1  # 32 of about 300 history tokens
 
 
@@ -218,9 +225,9 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--policy", "quest"], "invalid choice: 'quest'"),
+    (["--policy", "h2o"], "invalid choice: 'h2o'"),
     (["--gamma", "0"], "--gamma must be >= 1"),
-    (["--demo", "--layers", "2"], "--layers must be >= 3"),
+    (["--demo", "--layers", "1"], "--layers must be >= 2"),
     ([], "--target and --draft are required"),
 ])
 def test_bad_arguments(capsys, argv, message):

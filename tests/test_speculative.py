@@ -98,10 +98,11 @@ def test_sparse_policy_small_budget_reads_less(target, draft, policy):
 
 
 def test_dustin_selection_follows_the_rule(target, draft):
-    """One step's selection equals select_tokens on scores recomputed from the captured queries."""
+    """One step's selection equals select_tokens on scores recomputed from the captured queries: the
+    draft's queries of all T window tokens (pending and the drafts), the target's committed query."""
     from dustin_kernels import ref
 
-    pol = make_policy("dustin", RetrievalProfile({1: (0, 3)}, 1, (2,)), budget=10, m=3, sink=2, recent=3)
+    pol = make_policy("dustin-paper", RetrievalProfile({1: (0, 3)}, 1, (2,)), budget=10, m=3, sink=2, recent=3)
     prompts = [list(range(3, 40)), list(range(10, 33))]
     dc, tc, state = start(draft, target, prompts, 64, pol)
     token, lens, queries = state.pending[:, None], state.lens, []
@@ -109,7 +110,7 @@ def test_dustin_selection_follows_the_rule(target, draft):
         hidden, q = draft(token, dc, lens + i, capture=[1])
         queries.append(q[1])
         token = draft.logits(hidden[:, -1]).argmax(-1, keepdim=True)
-    ctx = VerifyContext(lens, 4, {1: torch.cat(queries[1:], 2)}, dc, state.target_queries, tc)
+    ctx = VerifyContext(lens, 4, {1: torch.cat(queries, 2)}, dc, state.target_queries, tc)
     idx, count = pol.select(ctx)
     s_draft = ref.attention_scores(ctx.draft_queries[1], dc.k[1], lens + 4, heads=(0, 3))
     s_target = ref.attention_scores(state.target_queries[1], tc.k[1], lens, heads=(2,))
@@ -305,7 +306,7 @@ def test_policy_kinds():
 def test_bad_inputs(target, draft):
     p = RetrievalProfile({0: (0,)}, 1, (0,))
     with pytest.raises(ValueError, match="policy: expected one of"):
-        make_policy("quest", p)
+        make_policy("h2o", p)
     with pytest.raises(ValueError, match="budget: expected at least sink \\+ recent = 20"):
         make_policy("dustin", p, budget=16)
     with pytest.raises(ValueError, match="budget: expected at least sink"):
