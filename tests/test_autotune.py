@@ -325,11 +325,14 @@ def splits(*values):
 
 
 def test_sandbox_drops_a_hanging_config_prints_the_stacks_and_carries_on(sandbox, capfd):
+    from dustin_kernels.autotune import measure
+
     prepare, w, spec = sandbox
     assert [r["status"] for r in prepare(w, spec, splits(1, 3, 6))] == ["ok"] * 3  # the workers are up
-    prepare.timeout = 5
+    prepare.timeout = 5  # the warm workers finish 1 and 3 at once; 2 hangs
     first = prepare(w, spec, splits(1, 2, 3))
     assert [r["status"] for r in first] == ["ok", "timeout", "ok"] and "the 5 s limit" in first[1]["detail"]["error"]
+    prepare.timeout = measure.PREPARE_TIMEOUT  # the limit counts the fresh workers' start: never 5 s on a busy machine
     assert [r["status"] for r in prepare(w, spec, splits(1, 3))] == ["ok", "ok"]  # fresh workers
     err = capfd.readouterr().err
     assert "1 of 3 configs unfinished" in err and "troublesome_prepare" in err  # where the hung worker was
