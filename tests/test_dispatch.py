@@ -54,6 +54,17 @@ def test_exact_device_hit_with_batch_bucket_and_log_space_context(db):
     assert dispatch.misses() == {}
 
 
+def test_a_context_halfway_between_two_buckets_takes_the_larger(db):
+    """The documented tie rule: 8192 is one octave from both 4096 and 16384; the larger bucket wins
+    (whatever the order of the entries in the file)."""
+    put(db, "nvidia_h200", {"b16|c16384": make_entry(cfg(num_splits=8)), "b16|c4096": make_entry(cfg(num_splits=2))})
+    assert lookup(16, 8192)["num_splits"] == 8
+    assert lookup(16, 8191)["num_splits"] == 2  # just below the middle: the nearer, smaller bucket
+    put(db, "nvidia_h200", {"b16|c1024": make_entry(cfg(num_splits=1)), "b16|c256": make_entry(cfg(num_splits=2))})
+    dispatch.reset()
+    assert lookup(16, 512)["num_splits"] == 1 and lookup(16, 511)["num_splits"] == 2
+
+
 def test_miss_falls_back_to_the_default_rule_warns_once_and_counts(db):
     put(db, "nvidia_h200", {"b16|c8192": make_entry()})
     with pytest.warns(dispatch.PerfDBWarning, match=r"no tuned config .*batch bucket 8.*default rule") as caught:
