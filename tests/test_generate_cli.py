@@ -130,6 +130,10 @@ def test_calibrate_stops_when_every_draft_layer_is_chosen(pair, capsys, tmp_path
     (["--draft-layers", "0"], "--draft-layers: expected an int >= 1, got 0"),
     (["--trials", "0"], "--trials: expected an int >= 1, got 0"),
     (["--budget", "10"], "budget: expected at least sink + recent = 20"),
+    (["--length", "4096"], "--length: 4096 tokens exceed the models' max_position_embeddings (256)"),
+    (["--min-score", "0"], "--min-score: expected a fraction in (0, 1]"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA GPU on this machine", id="no-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_calibrate_bad_arguments(pair, capsys, tmp_path, argv, message):
     code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
@@ -137,6 +141,13 @@ def test_calibrate_bad_arguments(pair, capsys, tmp_path, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("error: "), err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_checks_out_before_calibrating(pair, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking --out"))
+    code = calibrate.main(["--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
+                           str(tmp_path / "missing" / "p.json")])
+    assert code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_demo_json(capsys):

@@ -2,13 +2,14 @@
 heads that do what they are built for, and the policies told apart on it (dense and Dustin recall
 every planted value, sink + recent none)."""
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from dustin_kernels import testbed
 from dustin_kernels.models import load_model
-from dustin_kernels.policies import make_policy
+from dustin_kernels.policies import RetrievalProfile, make_policy
 from dustin_kernels.speculative import generate
 
 SPEC = testbed.TestbedSpec()
@@ -125,3 +126,27 @@ def test_refining_recalls_as_dense_where_the_draft_misses(pair, prompts):
     assert refined == dense == [1.0] * 4 and accept == dense_accept
     paper, _ = recalls(draft, target, prompts, make_policy("dustin-paper", profile, budget=64), gamma=4)
     assert min(paper) < 1.0
+
+
+def test_calibrate_finds_the_retrieval_heads_and_reaches_dense_recall(tmp_path, capsys):
+    """`calibrate` on the written folders picks the induction heads (target and draft) and no decoy; with
+    its profile, Dustin at budget 64 of a 4K prompt recalls what dense recalls."""
+    from dustin_kernels import calibrate, generate as cli
+
+    paths = testbed.write(SPEC, tmp_path)
+    folders = ["--target", str(paths["target"]), "--draft", str(paths["draft"])]
+    assert calibrate.main([*folders, "--out", str(tmp_path / "p.json"), "--length", "2048", "--samples", "2",
+                           "--budget", "64", "--trials", "6"]) == 0, capsys.readouterr().err
+    profile = RetrievalProfile.load(tmp_path / "p.json", *(m.config for m in testbed.models(SPEC)))
+    known = testbed.profile(SPEC)
+    assert profile.draft_heads == known.draft_heads
+    assert profile.target_layer in SPEC.retrieval_layers and profile.target_heads == known.target_heads
+    prompts = [testbed.prompt(SPEC, 4096, seed=seed) for seed in (10, 11)]
+    for prompt_ids, values in prompts:
+        (tmp_path / "prompt.txt").write_text(testbed.tokenizer(SPEC).decode(prompt_ids, skip_special_tokens=False))
+        capsys.readouterr()
+        assert cli.main([*folders, "--prompt-file", str(tmp_path / "prompt.txt"), "--profile", str(tmp_path / "p.json"),
+                         "--budget", "64", "--max-new-tokens", "8", "--policy", "dense", "dustin", "--json"]) == 0
+        rows = {r["policy"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+        assert testbed.recall(rows["dense"]["token_ids"][0], values) == 1.0
+        assert testbed.recall(rows["dustin"]["token_ids"][0], values) == 1.0
