@@ -12,6 +12,10 @@ and shared memory. Each op module (`dustin_kernels/ops/*.py`) provides:
     python -m dustin_kernels.aot                 # every kernel family, default configs, model shapes
     python -m dustin_kernels.aot sparse_verify --json report.json
     python -m dustin_kernels.aot --quick         # the first two specs per kernel and arch (the test)
+
+A row is printed as each spec compiles ([i/N]: the full report takes minutes). The exit status is 1
+when a kernel fails to compile or spills, except the known spills of `KNOWN_SPILLS`, which are
+reported as such and do not fail the run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ from pathlib import Path
 from .spec import KernelSpec
 
 CAPABILITY = {"sm80": 80, "sm90": 90}
+BATCH, CONTEXT = 16, 32768  # the default configs are checked at the headline bucket
+KNOWN_SPILLS = {  # (spec uri, function): why it is accepted (README, "AOT report")
+    ("sparse_verify_sm80_bf16_d256_g8_t5_bs1", "sparse_verify_fwd"):
+        "head dim 256 with group 8 spills on sm80 at every config tried (sm90 does not)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +122,10 @@ def op_module(kernel: str):
     return importlib.import_module(f"dustin_kernels.ops.{FAMILIES[kernel]}")
 
 
-def report(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), batch: int = 16, context: int = 32768,
-           limit: int | None = None):
-    """Yield an AotResult per kernel function of every spec of `kernels` (the first `limit` per arch)."""
-    for kernel in kernels:
-        module = op_module(kernel)
-        for arch in archs:
-            for spec in module.aot_specs(arch)[:limit]:
-                yield from check(spec, module.default_config(spec, batch=batch, context=context), module.aot_kernels)
+def specs(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), limit: int | None = None) -> list:
+    """(op module, spec) of every spec checked: the first `limit` of each kernel family and arch."""
+    return [(op_module(kernel), spec) for kernel in kernels for arch in archs
+            for spec in op_module(kernel).aot_specs(arch)[:limit]]
 
 
 def main(argv=None) -> int:
@@ -135,18 +140,24 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"kernel: expected some of {list(FAMILIES)}, got {sorted(unknown)}")
     os.environ.pop("TRITON_INTERPRET", None)
-    rows, failed = [], 0
-    print(f"{'spec':58} {'function':18} {'regs':>5} {'spill B':>8} {'smem B':>8}  config")
-    for r in report(args.kernel or list(FAMILIES), args.arch, limit=2 if args.quick else None):
-        rows.append(dataclasses.asdict(r))
-        bad = r.error or r.spill_bytes
-        failed += bool(bad)
-        cfg = " ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
-        print(f"{r.uri:58} {r.function:18} {r.registers:5} {r.spill_bytes:8} {r.shared_bytes:8}  {cfg}"
-              + (f"  ERROR {r.error}" if r.error else "  SPILLS" if r.spill_bytes else ""))
+    rows, failed, known = [], 0, 0
+    todo = specs(args.kernel or list(FAMILIES), args.arch, limit=2 if args.quick else None)
+    print(f"{'':10}{'spec':58} {'function':18} {'regs':>5} {'spill B':>8} {'smem B':>8}  config", flush=True)
+    for i, (module, spec) in enumerate(todo, 1):
+        for r in check(spec, module.default_config(spec, batch=BATCH, context=CONTEXT), module.aot_kernels):
+            why = KNOWN_SPILLS.get((r.uri, r.function)) if r.spill_bytes and not r.error else None
+            rows.append({**dataclasses.asdict(r), "known_spill": why or ""})
+            known += bool(why)
+            failed += bool(r.error or r.spill_bytes) and not why
+            cfg = " ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
+            note = (f"  ERROR {r.error}" if r.error else f"  SPILLS (known: {why})" if why
+                    else "  SPILLS" if r.spill_bytes else "")
+            print(f"{f'[{i}/{len(todo)}]':10}{r.uri:58} {r.function:18} {r.registers:5} {r.spill_bytes:8} "
+                  f"{r.shared_bytes:8}  {cfg}{note}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
-    print(f"{len(rows)} kernels compiled, {failed} failed or spilled")
+    print(f"{len(rows)} kernels compiled, {failed} failed or spilled" + (f", {known} known spills (not failures)"
+                                                                          if known else ""))
     return 1 if failed else 0
 
 
