@@ -4,9 +4,11 @@ Each sequence hides budget // 4 "needle" keys (128 by default) that the target's
 the draft's queries see the same direction through more noise. The demo selects a budget of history
 tokens with Dustin's rule and with a StreamingLLM-style rule (sink + recent), runs sparse
 verification and reports what the selection saves against dense verification: KV bytes read,
-attention mass kept, output error, and the time of each on this machine's default backend.
+attention mass kept, output error, and the time of each on this machine's default backend: after one
+warm-up call, the median of --repeats timed calls with its spread (20th to 80th percentile), and
+speedups as ratios of medians with the range the spreads allow.
 
-    python -m dustin_kernels.demo [--context 16384] [--batch 2] [--budget 512]
+    python -m dustin_kernels.demo [--context 16384] [--batch 2] [--budget 512] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -40,18 +42,25 @@ def make_problem(batch: int, context: int, window: int, shape, needles: int, dev
                 v=v.to(**to), seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device))
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
+def _times_ms(fn, repeats: int, device: str) -> tuple[float, float, float]:
+    """(p20, median, p80) milliseconds of `repeats` calls of fn after one warm-up call."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return tuple(q.tolist())
 
 
 def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, window: int = 5,
-        preset: str = "cpu-small", device: str = "cpu") -> list[dict]:
-    """Compare dense, Dustin and streaming verification; returns one row per policy."""
+        preset: str = "cpu-small", device: str = "cpu", repeats: int = 7) -> list[dict]:
+    """Compare dense, Dustin and streaming verification; returns one row per policy (times: ms, the
+    median of `repeats` calls, with ms_p20 / ms_p80 and select_ms likewise)."""
     shape = PRESETS[preset]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = make_problem(batch, context, window, shape, needles=budget // 4, device=device, dtype=dtype)
@@ -71,8 +80,14 @@ def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, w
 
     dense_out = dense_verify(q, k, v, seq_lens)
     true_mass = attention_scores(q, k, seq_lens)  # [B, N]: dense attention mass per key
+    def timed(verify, select=None) -> dict:
+        ms = _times_ms(verify, repeats, device)
+        select_ms = _times_ms(select, repeats, device) if select else (0.0, 0.0, 0.0)
+        return dict(ms_p20=ms[0], ms=ms[1], ms_p80=ms[2], select_ms_p20=select_ms[0], select_ms=select_ms[1],
+                    select_ms_p80=select_ms[2])
+
     rows = [dict(policy="dense", history_read=sum(L - T for L in lengths), mass_kept=1.0, max_abs_err=0.0,
-                 ms=_median_ms(lambda: dense_verify(q, k, v, seq_lens)), select_ms=0.0)]
+                 **timed(lambda: dense_verify(q, k, v, seq_lens)))]
     for name, policy in (("dustin", dustin), ("streaming", streaming)):
         idx, count = policy()
         out = sparse_verify(q, k, v, seq_lens, idx, count)
@@ -82,12 +97,15 @@ def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, w
         ) / float(true_mass.sum())
         rows.append(dict(policy=name, history_read=int(count.sum()), mass_kept=kept,
                          max_abs_err=float((out.float() - dense_out.float()).abs().max()),
-                         ms=_median_ms(lambda: sparse_verify(q, k, v, seq_lens, idx, count)),
-                         select_ms=_median_ms(policy)))
+                         **timed(lambda: sparse_verify(q, k, v, seq_lens, idx, count), policy)))
     kv_row_bytes = 2 * shape.kv_heads * shape.head_dim * k.element_size()  # K and V of one token
     for row in rows:
         row["kv_mib"] = (row["history_read"] + batch * T) * kv_row_bytes / 2**20
     return rows
+
+
+def _spread(row: dict, key: str) -> str:
+    return f"{row[key]:.2f} [{row[key + '_p20']:.2f}-{row[key + '_p80']:.2f}]"
 
 
 def main(argv=None) -> None:
@@ -99,18 +117,26 @@ def main(argv=None) -> None:
     parser.add_argument("--m", type=int, default=128, help="tokens chosen by the draft's lookahead")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per op after a warm-up (median, p20-p80)")
     args = parser.parse_args(argv)
-    rows = run(args.batch, args.context, args.budget, args.m, preset=args.preset, device=args.device)
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected an int >= 1, got {args.repeats}")
+    rows = run(args.batch, args.context, args.budget, args.m, preset=args.preset, device=args.device,
+               repeats=args.repeats)
     shape = PRESETS[args.preset]
     print(f"dustin_kernels demo: {args.batch} sequences, up to {args.context} history tokens, T=5, "
           f"Hq={shape.q_heads} Hkv={shape.kv_heads} D={shape.head_dim}, budget {args.budget}, "
           f"device {args.device} (synthetic data: random keys with planted needles)")
+    print(f"times: median of {args.repeats} calls after a warm-up [p20 - p80]; speedup: ratio of medians "
+          "[the range the spreads allow]")
     print(f"{'policy':10} {'history read':>12} {'KV MiB':>8} {'mass kept':>9} {'max |err|':>9} "
-          f"{'verify ms':>9} {'select ms':>9} {'speedup':>8}")
+          f"{'verify ms':>22} {'select ms':>22} {'speedup':>20}")
     dense = rows[0]
     for r in rows:
+        speedup = (f"{dense['ms'] / r['ms']:6.1f}x [{dense['ms_p20'] / r['ms_p80']:.1f}-"
+                   f"{dense['ms_p80'] / r['ms_p20']:.1f}]")
         print(f"{r['policy']:10} {r['history_read']:12d} {r['kv_mib']:8.2f} {r['mass_kept']:9.3f} "
-              f"{r['max_abs_err']:9.4f} {r['ms']:9.2f} {r['select_ms']:9.2f} {dense['ms'] / r['ms']:7.1f}x")
+              f"{r['max_abs_err']:9.4f} {_spread(r, 'ms'):>22} {_spread(r, 'select_ms'):>22} {speedup:>20}")
     saved = 1 - rows[1]["kv_mib"] / dense["kv_mib"]
     print(f"Dustin reads {saved:.1%} fewer KV bytes than dense verification and keeps "
           f"{rows[1]['mass_kept']:.1%} of the attention mass (streaming keeps {rows[2]['mass_kept']:.1%}).")

@@ -76,3 +76,11 @@ def test_bench_floors(bench, tmp_path):
 def test_bench_rejects_a_budget_below_sink_and_recent(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--budget", "16", "--out", str(tmp_path)])
+
+
+def test_results_go_outside_the_repository_by_default(bench, monkeypatch, tmp_path):
+    """tools/results holds tracked results: a plain run writes to the cache folder instead."""
+    monkeypatch.setenv("DUSTIN_CACHE_DIR", str(tmp_path))
+    assert bench.parse_args([]).out == tmp_path / "bench"
+    monkeypatch.delenv("DUSTIN_CACHE_DIR")
+    assert bench.parse_args([]).out == Path.home() / ".cache" / "dustin_kernels" / "bench"

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import dustin_kernels  # noqa: E402
 from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
+from dustin_kernels import codegen  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
 from dustin_kernels.autotune.measure import copy_gbs, cuda_graph, git_commit  # noqa: E402
 from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
@@ -439,8 +440,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="(default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed calls per row on CPU (default: 10; CUDA: do_bench's 100 ms)")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results",
-                        help="folder of the JSON and CSV files (default: tools/results)")
+    parser.add_argument("--out", type=Path, default=codegen.cache_dir().parent / "bench",
+                        help="folder of the JSON and CSV files (default: $DUSTIN_CACHE_DIR/bench, else "
+                             "~/.cache/dustin_kernels/bench; pass tools/results to update the tracked results)")
     args = parser.parse_args(argv)
     grid = SMALL_GRID if args.preset == "cpu-small" else FULL_GRID
     for key, default in grid.items():
