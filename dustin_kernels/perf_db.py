@@ -145,8 +145,8 @@ def config_errors(key: str, config: dict) -> list[str]:
     keys = set(config)
     if keys != set(kernel_space.params):
         return [f"expected the parameters {sorted(kernel_space.params)}, got {sorted(keys)}"]
-    errors = [f"{name}: expected one of {values}, got {config[name]!r}"
-              for name, values in kernel_space.params.items() if config[name] not in values]
+    errors = [f"{name}: expected one of {values}, got {config[name]!r}" for name, values in kernel_space.params.items()
+              if type(config[name]) is not int or config[name] not in values]  # 64.0 and True are not ints here
     env = space.variables(spec, batch, int(context * 2 ** 0.5))  # the bucket's contexts reach context * sqrt(2)
     return errors or [f"violates {expr!r}" for expr in kernel_space.violated(config, env)]
 

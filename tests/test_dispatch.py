@@ -131,9 +131,10 @@ def test_stale_entries_are_used_with_a_warning(db):
     ({"BLOCK_N": 64, "num_warps": 4}, "expected the parameters"),
     (cfg(num_splits=0), "num_splits: expected one of"),
     (cfg(BLOCK_N=3), "BLOCK_N: expected one of"),
+    (cfg(BLOCK_N=64.0), "BLOCK_N: expected one of .* got 64.0"),
     (cfg(num_splits=1, HALF_PARTIALS=1), "violates 'not HALF_PARTIALS"),
     (cfg(num_splits=16), "violates 'num_splits \\* BLOCK_N"),  # 16 splits of 64 rows: past a 512-slot context
-], ids=["keys", "splits0", "block3", "half1split", "splits-past-context"])
+], ids=["keys", "splits0", "block3", "block-float", "half1split", "splits-past-context"])
 def test_entries_outside_the_search_space_give_the_default_rule(db, config, problem):
     put(db, "nvidia_h200", {"b16|c512": make_entry(config), "b16|c8192": make_entry(cfg(num_splits=8))})
     with pytest.warns(dispatch.PerfDBWarning, match=f"entry {URI}.b16.c512 has an invalid config .*{problem}"):
