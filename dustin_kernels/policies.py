@@ -140,12 +140,12 @@ class StepAttention:
         return sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, block_size=self.block_size, **kw)
 
 
-def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsize: int) -> int:
-    """K bytes that scoring `tokens` [B] keys per sequence reads for the KV heads that the q heads of
-    `heads_of` {layer: q heads} use."""
+def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """K bytes (an int64 scalar on tokens' device: no host sync) that scoring `tokens` [B] keys per
+    sequence reads for the KV heads that the q heads of `heads_of` {layer: q heads} use."""
     group = config.num_heads // config.num_kv_heads
     kv_heads = sum(len({h // group for h in heads}) for heads in heads_of.values())
-    return kv_heads * config.head_dim * itemsize * int(tokens.sum())
+    return kv_heads * config.head_dim * itemsize * tokens.long().sum()
 
 
 class Policy:
@@ -157,9 +157,9 @@ class Policy:
     def attention(self, ctx: VerifyContext) -> StepAttention:
         return StepAttention(ctx.lens, self.block_size, self.select(ctx))
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> int:
-        """K bytes the policy's scores read at a step (active sequences)."""
-        return 0
+    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
+        """K bytes the policy's scores read at a step (active sequences), an int64 scalar on lens' device."""
+        return torch.zeros((), dtype=torch.long, device=lens.device)
 
 
 class Dense(Policy):
@@ -247,7 +247,7 @@ class Dustin(Policy):
                              ctx.lens + ctx.window, ctx.window)  # sink + recent + the draft's choice
         return StepAttention(ctx.lens, self.block_size, first, refine)
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> int:
+    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
         """The draft's retrieval layers over history + window, the target's over the history."""
         lens = lens.long() * active
         return (key_bytes(draft.config, self.draft_heads, lens + window * active, draft.dtype.itemsize)
@@ -297,7 +297,7 @@ class Quest(Policy):
 
         return StepAttention(ctx.lens, self.block_size, None, select)
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> int:
+    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
         pages = -(-lens.long() * active // self.block_size)
         c = target.config
         return 2 * c.num_layers * key_bytes(c, {0: range(c.num_heads)}, pages, target.dtype.itemsize)

@@ -106,8 +106,8 @@ class Step(NamedTuple):
     tokens: torch.Tensor  # int64[B, gamma + 1]: accepted drafts then the target's token; first counts[b] valid
     counts: torch.Tensor  # int64[B]: tokens emitted (accepted + 1; 0 for finished sequences)
     state: State
-    read_tokens: int  # history + window tokens the verification read, summed over target layers (active sequences)
-    dense_tokens: int  # the same for dense verification
+    read_tokens: torch.Tensor  # int64 scalar: history + window tokens the verification read, summed over target
+    dense_tokens: torch.Tensor  # layers (active sequences); the same for dense verification. On the device
 
 
 def start(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], max_len: int,
@@ -193,8 +193,8 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         target_queries={layer: torch.where(active[:, None, None, None], q[rows, :, n][:, :, None],
                                            state.target_queries[layer]) for layer, q in queries.items()},
         active=active)
-    read = int(sum(((history + T) * active).sum() for history in attention.read))
-    dense = int(((lens.long() + T) * active).sum()) * len(attention.read)
+    read = sum(((history + T) * active).sum() for history in attention.read)
+    dense = ((lens.long() + T) * active).sum() * len(attention.read)
     return Step(tokens, counts, new_state, read, dense)
 
 
@@ -281,11 +281,12 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     begin = time.perf_counter()
     from tqdm import tqdm
 
+    read = dense = scores = torch.zeros((), dtype=torch.long, device=target.device)  # on the device: no syncs
     with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
         while not all(done):
-            stats.score_bytes += policy.score_bytes(draft, target, state.lens, gamma + 1, state.active)
+            scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active)
             step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
-            tokens, counts = step.tokens.tolist(), step.counts.tolist()
+            tokens, counts = step.tokens.tolist(), step.counts.tolist()  # the step's one host sync
             before = sum(map(len, out))
             for b in range(B):
                 if done[b]:
@@ -300,10 +301,11 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
             state.active = torch.tensor([not d for d in done], device=target.device)
             state.lens = torch.where(state.active, state.lens, 0)  # finished: parked at length 0, cheap
             stats.steps += 1
-            stats.kv_read_bytes += step.read_tokens * per_token
-            stats.kv_dense_bytes += step.dense_tokens * per_token
+            read, dense = read + step.read_tokens, dense + step.dense_tokens
             bar.update(sum(map(len, out)) - before)
     stats.decode_s = time.perf_counter() - begin
+    stats.kv_read_bytes, stats.kv_dense_bytes = int(read) * per_token, int(dense) * per_token
+    stats.score_bytes = int(scores)
     stats.new_tokens = sum(map(len, out))
     stats.fidelity = probe.summary() if probe is not None else None
     return Generation(out, stats)
