@@ -203,6 +203,7 @@ BASE_CONFIG = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "inter
     ({"num_key_value_heads": 0}, "key 'num_key_value_heads': expected a positive int, got 0"),
     ({"num_key_value_heads": 3}, "num_key_value_heads: 3 must divide num_attention_heads 2"),
     ({"head_dim": 5}, "head_dim: expected an even head dim"),
+    ({"hidden_size": 9}, "key 'hidden_size': expected a multiple of num_attention_heads=2 (there is no head_dim)"),
     ({"vocab_size": 1.5}, "key 'vocab_size': expected a positive int, got 1.5"),
     ({"rms_norm_eps": -1}, "key 'rms_norm_eps': expected a positive number"),
     ({"rope_theta": "big"}, "key 'rope_theta': expected a positive number"),

@@ -112,6 +112,9 @@ class ModelConfig:
         flags = {k: get(k, lambda v: isinstance(v, bool), "true or false", False)
                  for k in ("attention_bias", "mlp_bias", "tie_word_embeddings")}
         heads, hidden = get("num_attention_heads"), get("hidden_size")
+        if cfg.get("head_dim") is None and hidden % heads:
+            raise ValueError(f"{source}: key 'hidden_size': expected a multiple of num_attention_heads={heads} "
+                             f"(there is no head_dim), got {hidden}")
         try:
             return cls(
                 vocab_size=get("vocab_size"), hidden_size=hidden, intermediate_size=get("intermediate_size"),
