@@ -338,6 +338,22 @@ def test_sandbox_drops_a_hanging_config_prints_the_stacks_and_carries_on(sandbox
     assert "1 of 3 configs unfinished" in err and "troublesome_prepare" in err  # where the hung worker was
 
 
+def _verdict_only(task: dict) -> dict:
+    return {"status": "ok", "detail": {"aot": {"ok": True, "registers": 32}}}
+
+
+def test_an_unwritable_verdict_cache_warns_and_the_run_goes_on(tmp_path):
+    from dustin_kernels.autotune import measure
+
+    (tmp_path / "a_file").write_text("")
+    w = Workload("sparse", 8, 2, 64, "bf16", 2, 1, 2, 96, budget=32)
+    preparer = measure.Preparer(torch.device("cpu"), "sm80", jobs=1, cache=tmp_path / "a_file" / "verdicts.json",
+                                prepare_fn=_verdict_only)
+    config = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
+    with pytest.warns(RuntimeWarning, match="AOT verdict cache .*a_file/verdicts.json: not written"):
+        assert [r["status"] for r in preparer(w, w.dispatch_key("sm80")[0], [config])] == ["ok"]
+
+
 def test_sandbox_fails_only_the_config_that_kills_its_worker(sandbox):
     prepare, w, spec = sandbox
     results = prepare(w, spec, splits(1, 4, 3))

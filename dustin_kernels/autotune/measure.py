@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -446,10 +447,15 @@ class Preparer:
         return results
 
     def _save(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the verdict cache; where it cannot be written the run goes on (it only saves recompiles)."""
         tmp = self.cache_path.with_name(f".{self.cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.verdicts, sort_keys=True))
-        os.replace(tmp, self.cache_path)
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.verdicts, sort_keys=True))
+            os.replace(tmp, self.cache_path)
+        except OSError as exc:
+            warnings.warn(f"AOT verdict cache {self.cache_path}: not written ({type(exc).__name__}: "
+                          f"{exc.strerror or exc}); verdicts are kept for this run only", RuntimeWarning)
 
 
 def environment(device: torch.device, monitor: Monitor) -> dict:
