@@ -238,7 +238,6 @@ BAD_INPUTS = {
     "heads-out-of-range": ({}, {"heads": [0, 4]}, ValueError, "^heads:"),
     "heads-negative": ({}, {"heads": [-1]}, ValueError, "^heads:"),
     "heads-duplicate": ({}, {"heads": [1, 2, 1]}, ValueError, "^heads:"),
-    "heads-empty": ({}, {"heads": []}, ValueError, "^heads:"),
     "heads-float": ({}, {"heads": [1.5]}, TypeError, "^heads:"),
     "heads-bool": ({}, {"heads": [True]}, TypeError, "^heads:"),
     "heads-int": ({}, {"heads": 2}, TypeError, "^heads:"),

@@ -214,8 +214,6 @@ def _check_heads(heads, n_q_heads: int) -> tuple[int, ...]:
             out.append(operator.index(h))
         except TypeError:
             raise TypeError(f"heads: expected int q-head indices, got {h!r}") from None
-    if not out:
-        raise ValueError("heads: expected at least one q-head index (None selects all)")
     bad = [h for h in out if not 0 <= h < n_q_heads]
     if bad:
         raise ValueError(f"heads: expected q-head indices in [0, {n_q_heads}), got {bad}")
@@ -229,8 +227,9 @@ def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=No
 
     q: [B, Hq, T, D], k_cache: [B, Hkv, N_max, D] (Hq = G * Hkv, any strides, same fp16/bf16/fp32
     dtype), seq_lens: int32[B] in [T, N_max], including the window; window query t sits at
-    p_t = seq_lens[b] - T + t and sees keys [0, p_t]. heads: distinct q-head indices (None = all).
-    block_size: power of two in [1, 128]. scale: softmax scale (None = 1/sqrt(D)).
+    p_t = seq_lens[b] - T + t and sees keys [0, p_t]. heads: distinct q-head indices (None = all; an
+    empty list gives zeros: a tensor-parallel rank that holds no retrieval head, `dustin_kernels.
+    distributed`). block_size: power of two in [1, 128]. scale: softmax scale (None = 1/sqrt(D)).
     Returns float32[B, ceil(N_max / block_size)], zero past seq_lens; each sequence sums to
     len(heads) * T. An inference op (no autograd): tensors that require grad are refused.
     """
@@ -241,7 +240,7 @@ def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=No
     scale = _checks.check_scale(scale, D)
     heads = _check_heads(heads, Hq)
     backend = dispatch.backend_for(backend, device)
-    if B == 0:
-        return torch.zeros(0, math.ceil(k_cache.shape[2] / block_size), dtype=torch.float32, device=device)
+    if B == 0 or not heads:
+        return torch.zeros(B, math.ceil(k_cache.shape[2] / block_size), dtype=torch.float32, device=device)
     run = _triton_attention_scores if backend == "triton" else _torch_attention_scores
     return run(q, k_cache, seq_lens, heads, block_size, scale)
