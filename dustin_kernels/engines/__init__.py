@@ -1,0 +1,1 @@
+"""Adapters that plug the ops into serving engines (vLLM)."""
