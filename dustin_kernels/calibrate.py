@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import attention_scores, select_tokens
+from .devices import default_device, device_arg
 from .models import DTYPES, Transformer
 from .policies import RetrievalProfile
 
@@ -227,13 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--draft-layers", type=int, default=3)
     p.add_argument("--trials", type=int, default=30, help="Optuna trials for m")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     try:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU on this machine")
         out = Path(args.out).resolve()
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise ValueError(f"--out {args.out}: its folder does not exist or is not writable")

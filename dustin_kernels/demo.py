@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import attention_scores, dense_verify, select_tokens, sparse_verify
+from .devices import default_device, device_arg
 from .shapes import PRESETS, spread_heads
 
 
@@ -62,7 +63,7 @@ def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, w
     """Compare dense, Dustin and streaming verification; returns one row per policy (times: ms, the
     median of `repeats` calls, with ms_p20 / ms_p80 and select_ms likewise)."""
     shape = PRESETS[preset]
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     p = make_problem(batch, context, window, shape, needles=budget // 4, device=device, dtype=dtype)
     q, k, v, seq_lens = p["q"], p["k"], p["v"], p["seq_lens"]
     retrieval = list(spread_heads(shape.q_heads))
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, default=512, help="history tokens each sequence may read")
     parser.add_argument("--m", type=int, default=128, help="tokens chosen by the draft's lookahead")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device())
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per op after a warm-up (median, p20-p80)")
     args = parser.parse_args(argv)
     if args.repeats < 1:

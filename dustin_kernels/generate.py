@@ -33,6 +33,7 @@ import textwrap
 import torch
 
 from . import testbed
+from .devices import default_device, device_arg
 from .models import DTYPES, ModelConfig, load_model, load_tokenizer
 from .policies import POLICIES, RetrievalProfile, make_policy
 from .shapes import PRESETS
@@ -146,7 +147,7 @@ def format_fidelity(f: dict) -> str:
 
 
 def run(args) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     prompts = list(args.prompt or [])
     for path in args.prompt_file or []:
         with open(path, encoding="utf-8") as f:
@@ -282,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--demo: cpu)")
+    p.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu (--demo: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--max-len", type=int, default=None, help="cache positions (default: max_position_embeddings)")
     p.add_argument("--fidelity", action="store_true", help="also measure each sparse verification against dense "

@@ -58,6 +58,7 @@ from dustin_kernels import attention_scores, dense_verify, dispatch, select_toke
 from dustin_kernels import codegen  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
 from dustin_kernels.autotune.measure import copy_gbs, cuda_graph, git_commit  # noqa: E402
+from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 
@@ -437,7 +438,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backend", choices=dispatch.BACKENDS,
                         help="backend of our ops (default: triton on CUDA, torch on CPU; triton on CPU needs "
                              "TRITON_INTERPRET=1)")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="(default: cuda if available)")
+    parser.add_argument("--device", type=device_arg, default=default_device(), help="(default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=10,
                         help="timed calls per row on CPU (default: 10; CUDA: do_bench's 100 ms)")
     parser.add_argument("--out", type=Path, default=codegen.cache_dir().parent / "bench",

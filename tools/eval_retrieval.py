@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from dustin_kernels import testbed  # noqa: E402
 from dustin_kernels.autotune.measure import git_commit  # noqa: E402
+from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import ModelConfig  # noqa: E402
 from dustin_kernels.policies import POLICIES, RetrievalProfile, make_policy  # noqa: E402
 from dustin_kernels.shapes import PRESETS  # noqa: E402
@@ -63,8 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=sorted(PRESETS), help="the target's attention shape (default: testbed's, "
                    "4 q / 2 KV heads of 64)")
     p.add_argument("--layers", type=int, help="target layers (default 4; the draft has 2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="testbed weights; prompt i uses seed + i")
     p.add_argument("--profile", type=Path, help="retrieval-head profile JSON (default: the testbed's own heads)")
@@ -84,13 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--layers: expected >= 2, got {args.layers}")
     if min(args.budgets) < 1:
         p.error(f"--budgets: expected positive token counts, got {min(args.budgets)}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        p.error(f"--device: {err}")
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device: expected cpu or an available CUDA device, got {args.device}")
-    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
     args.spec = make_spec(args)
     try:
         testbed.prompt(args.spec, args.contexts[0])
