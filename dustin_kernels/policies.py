@@ -31,10 +31,14 @@ import json
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler import record_function
 
 from . import attention_scores, dense_verify, select_tokens, sparse_verify
 from .models import KVCache, ModelConfig
 
+# torch.profiler ranges of a speculative step (`tools/bench_e2e.py` reads them): the draft passes, the
+# first selection, the target's pass, and within it the refinement and every layer's attention.
+PHASES = {name: f"dustin.{name}" for name in ("draft", "select", "target", "refine", "attention")}
 POLICIES = ("dense", "dustin", "dustin-paper", "draft-only", "target-only", "streaming", "quest")
 PROFILE_FORMAT = "dustin-profile/1"
 
@@ -132,12 +136,14 @@ class StepAttention:
 
     def __call__(self, q, k_cache, v_cache, seq_lens, **kw):
         if self.refine is not None:
-            self.selection = self.refine(len(self.read), q, k_cache, seq_lens, self.selection)
+            with record_function(PHASES["refine"]):
+                self.selection = self.refine(len(self.read), q, k_cache, seq_lens, self.selection)
         self.read.append(history_read(self.selection, self.lens, self.block_size))
-        if self.selection is None:
-            return dense_verify(q, k_cache, v_cache, seq_lens, **kw)
-        idx, count = self.selection
-        return sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, block_size=self.block_size, **kw)
+        with record_function(PHASES["attention"]):
+            if self.selection is None:
+                return dense_verify(q, k_cache, v_cache, seq_lens, **kw)
+            idx, count = self.selection
+            return sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, block_size=self.block_size, **kw)
 
 
 def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsize: int) -> torch.Tensor:

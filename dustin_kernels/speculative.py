@@ -27,11 +27,12 @@ import time
 from typing import NamedTuple, Sequence
 
 import torch
+from torch.autograd.profiler import record_function
 
 from . import dense_verify, trusted_inputs
 from .fidelity import Probe
 from .models import KVCache, Transformer
-from .policies import Dense, VerifyContext
+from .policies import PHASES, Dense, VerifyContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,24 +148,26 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     vocab = target.config.vocab_size if draft is None else min(target.config.vocab_size, draft.config.vocab_size)
     token = state.pending[:, None]
     drafts, draft_probs, draft_queries = [], [], {layer: [] for layer in policy.draft_heads}
-    for i in range(T if gamma else 0):
-        hidden, queries = draft(token, draft_cache, lens + i, capture=policy.draft_heads)
-        for layer, q in queries.items():  # S_draft covers every verified row: pending, d_1 .. d_gamma
-            draft_queries[layer].append(q)
-        if i == gamma:
-            break
-        logits = draft.logits(hidden[:, -1])[:, :vocab]
-        if sampler.greedy:
-            token = logits.argmax(-1, keepdim=True)
-        else:
-            draft_probs.append(sampler.probs(logits))
-            token = sampler.sample(draft_probs[-1])[:, None]
-        drafts.append(token)
+    with record_function(PHASES["draft"]):
+        for i in range(T if gamma else 0):
+            hidden, queries = draft(token, draft_cache, lens + i, capture=policy.draft_heads)
+            for layer, q in queries.items():  # S_draft covers every verified row: pending, d_1 .. d_gamma
+                draft_queries[layer].append(q)
+            if i == gamma:
+                break
+            logits = draft.logits(hidden[:, -1])[:, :vocab]
+            if sampler.greedy:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                draft_probs.append(sampler.probs(logits))
+                token = sampler.sample(draft_probs[-1])[:, None]
+            drafts.append(token)
     drafts = torch.cat(drafts, 1) if drafts else state.pending.new_zeros(len(lens), 0)
 
     ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()}, draft_cache,
                         state.target_queries, target_cache)
-    attention = policy.attention(ctx)
+    with record_function(PHASES["select"]):
+        attention = policy.attention(ctx)
     window = torch.cat([state.pending[:, None], drafts], 1)
     probed = probe is not None and not attention.dense
     attend = attention
@@ -172,8 +175,9 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         dense_hidden, _ = target(window, target_cache, lens, attend=dense_verify)
         probe.begin(attention, state.active)
         attend = probe.attend
-    hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
-    logits = target.logits(hidden)[..., :vocab]
+    with record_function(PHASES["target"]):
+        hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
+        logits = target.logits(hidden)[..., :vocab]
     if probed:
         probe.compare_tokens(logits, target.logits(dense_hidden)[..., :vocab], state.active)
 

@@ -9,15 +9,17 @@
 #      network; see tools/wheels/README.md), each only if its distribution is not installed already;
 #      then dustin_kernels itself, editable, without dependencies or build isolation;
 #   1. tests: the GPU tier, `pytest -m gpu` with TRITON_INTERPRET=0 (compiled Triton on CUDA tensors);
-#      then the generator's demo on CUDA (`generate --demo --fidelity`: every policy side by side);
+#      then the generator's demo on CUDA (`generate --demo --fidelity`: the retrieval testbed, every
+#      policy side by side);
 #   2. tune: qwen2.5-72b attention (the 'headline' grid: batch 16, contexts 8K/16K/32K, budget 512,
 #      every kernel and workload) under a time budget, into DIR/perf_db (trial log and Optuna journal
 #      in DIR/autotune);
 #   3. bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
 #   4. perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
 #      against the default rule and the dense baseline (tools/perf_check.py --gpu);
-#   5. e2e (with the time left): generation at 32K on a random model of the Qwen2.5-7B attention shape,
-#      plain / dense / dustin / streaming side by side.
+#   5. e2e (with the time left): tools/bench_e2e.py on the retrieval testbed at the Qwen2.5-7B attention
+#      shape (12 layers), batch 4, contexts 8K/16K/32K, budget 512: plain / dense / dustin / streaming /
+#      quest, tokens/s, acceptance, recall, ms per step by phase, bytes floor (DIR/e2e).
 # Knobs (environment): TUNE_SECONDS (default 150), JOBS (default min(8, CPUs)), PYTHON (default python3),
 # TOTAL_SECONDS (default 470: every step's limit is cut to what is left of it, so the whole run stays
 # under 8 minutes; a step cut short fails and says so).
@@ -112,10 +114,9 @@ step bench 150 env DUSTIN_PERF_DB="$DIR/perf_db" "$PYTHON" tools/bench_kernels.p
 # --- 4. the perf-regression check on what was just tuned -----------------------------------------
 step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jobs "$JOBS" --json "$DIR/perf_check.json"
 
-# --- 5. end to end, with what time is left: a 12-layer random model of the Qwen2.5-7B attention shape,
-# 4 prompts of 32K tokens (planted needles), the policies side by side (tokens/s, acceptance, KV read) --
-step e2e 120 "$PYTHON" -m dustin_kernels.generate --demo --device cuda --shape qwen2.5-7b --layers 12 \
-    --context 32768 --batch 4 --budget 512 --max-new-tokens 64 --policy plain dense dustin streaming
+# --- 5. end to end, with what time is left: the retrieval testbed at the Qwen2.5-7B attention shape ---
+step e2e 120 "$PYTHON" tools/bench_e2e.py --device cuda --shape qwen2.5-7b --layers 12 --contexts 8192 16384 32768 \
+    --batches 4 --budget 512 --new-tokens 32 --out "$DIR/e2e"
 
 echo "gpu_check: $([ $FAILED -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - START)) s; results in $DIR" \
     | tee -a "$DIR/summary.txt"
