@@ -2,7 +2,8 @@
 
     from dustin_kernels import attention_scores, select_tokens, sparse_verify
 
-See DESIGN.md section 3 for the contract of each op.
+See DESIGN.md section 3 for the contract of each op; each is also `torch.ops.dustin_kernels.<name>`
+(`dustin_kernels.library`).
 """
 from ._checks import trusted_inputs
 from .ops.scores import attention_scores

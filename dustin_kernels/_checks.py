@@ -3,8 +3,8 @@
 The ops are inference ops (no autograd): a tensor that requires grad is refused, never silently detached."""
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import functools
 import math
 
 import torch
@@ -52,23 +52,55 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> None:
 _value_checks = contextvars.ContextVar("dustin_kernels_value_checks", default=True)
 
 
-@contextlib.contextmanager
-def trusted_inputs():
-    """Within this block the ops skip the checks that read tensor values on the host (lengths within the
-    cache, block indices within the history): for callers that built or checked those tensors once, such
-    as a decode loop calling `sparse_verify` on every layer; on CUDA each such check is a host sync.
-    Shapes, dtypes and devices are still checked. Usable as a decorator."""
-    token = _value_checks.set(False)
-    try:
-        yield
-    finally:
-        _value_checks.reset(token)
+class trusted_inputs:
+    """Within `with trusted_inputs():` (or on a function decorated `@trusted_inputs()`) the ops skip the
+    checks that read tensor values on the host (lengths within the cache, block indices within the
+    history): for callers that built or checked those tensors once, such as a decode loop calling
+    `sparse_verify` on every layer; on CUDA each such check is a host sync. Shapes, dtypes and devices
+    are still checked. While torch.compile / torch.export trace, it does nothing (they skip the value
+    checks anyway), so a compiled function may use it with fullgraph=True."""
+
+    def __enter__(self):
+        if not torch.compiler.is_compiling():
+            self._token = _value_checks.set(False)
+        return self
+
+    def __exit__(self, *exc):
+        if not torch.compiler.is_compiling():
+            _value_checks.reset(self._token)
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def trusted(*args, **kwargs):
+            with trusted_inputs():  # a fresh context per call: re-entrant, and traceable by dynamo
+                return fn(*args, **kwargs)
+        return trusted
 
 
 def values_checkable(t: torch.Tensor) -> bool:
-    """Value checks read the tensor on the host; skipped inside `trusted_inputs()` and while a CUDA graph
-    is being captured."""
+    """Value checks read the tensor on the host; skipped inside `trusted_inputs()`, while torch.compile /
+    torch.export trace (their tensors hold no values) and while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
     return _value_checks.get() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out") -> torch.Tensor:
+    """`out` when it is a contiguous tensor of `shape`, `dtype` on `device`; a new one when it is None."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    dims = ", ".join(map(str, shape))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected None or a torch.Tensor [{dims}], got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{name}: expected a {str(dtype).replace('torch.', '')} tensor [{dims}] on {device}, got "
+                         f"{str(out.dtype).replace('torch.', '')} {list(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (the kernels write it row-major), got strides "
+                         f"{out.stride()}")
+    if out.requires_grad:
+        raise ValueError(f"{name}: expected a tensor that does not require grad (dustin_kernels ops are inference ops)")
+    return out
 
 
 def check_seq_lens(seq_lens, batch: int, window: int, n_max: int, device: torch.device) -> None:

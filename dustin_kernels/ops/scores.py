@@ -21,7 +21,7 @@ import operator
 
 import torch
 
-from .. import _checks, codegen, dispatch
+from .. import _checks, codegen, dispatch, library
 from ..spec import DTYPE_NAMES, DTYPES, KernelSpec, next_pow2
 
 LOG2E = math.log2(math.e)
@@ -124,7 +124,7 @@ def _torch_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
     return mass.view(B, n_out, block_size).sum(-1)
 
 
-def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
+def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out):
     B, Hq, T, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     table = _head_table(heads, Hq // Hkv, q.device)
@@ -146,7 +146,6 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
         tile_max = torch.empty(B, n_used, n_tiles, mod.BLOCK_R.value, dtype=torch.float32, device=q.device)
     else:
         sums = tile_max = partial_m  # not read
-    out = torch.empty(B, n_out, dtype=torch.float32, device=q.device)
     strides = (*q.stride(), *k_cache.stride())
     qk_scale = scale * LOG2E
     seq_lens = seq_lens.contiguous()
@@ -158,7 +157,18 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
         q, k_cache, seq_lens, table, partial_m, partial_l, sums, tile_max, out, n_out, n_tiles, *strides,
         out.stride(0), qk_scale, N_USED=n_used, BLOCK_N=block_n, NUM_SPLITS=splits, ONE_PASS=bool(one_pass),
         LSE_BLOCK_N=lse_block_n, num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return out
+
+
+@library.custom_op("attention_scores", mutates_args=("out",))
+def _attention_scores_into(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
+                           heads: list[int], block_size: int, scale: float, backend: str) -> None:
+    """Unchecked `attention_scores` into out float32[B, ceil(N_max / block_size)] (contiguous)."""
+    if not heads or not q.shape[0]:
+        out.zero_()
+    elif backend == "triton":
+        _triton_attention_scores(q, k_cache, seq_lens, tuple(heads), block_size, scale, out)
+    else:
+        out.copy_(_torch_attention_scores(q, k_cache, seq_lens, tuple(heads), block_size, scale))
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
@@ -222,7 +232,7 @@ def _check_heads(heads, n_q_heads: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=None, backend=None):
+def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=None, backend=None, out=None):
     """Causal softmax mass per key block of the window queries, summed over `heads` and rows.
 
     q: [B, Hq, T, D], k_cache: [B, Hkv, N_max, D] (Hq = G * Hkv, any strides, same fp16/bf16/fp32
@@ -231,7 +241,9 @@ def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=No
     empty list gives zeros: a tensor-parallel rank that holds no retrieval head, `dustin_kernels.
     distributed`). block_size: power of two in [1, 128]. scale: softmax scale (None = 1/sqrt(D)).
     Returns float32[B, ceil(N_max / block_size)], zero past seq_lens; each sequence sums to
-    len(heads) * T. An inference op (no autograd): tensors that require grad are refused.
+    len(heads) * T; written into `out` when given (a contiguous float32 tensor of that shape). An inference
+    op (no autograd): tensors that require grad are refused. Also `torch.ops.dustin_kernels.attention_scores`
+    (`dustin_kernels.library`).
     """
     B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
     device = _checks.check_same_device(q=q, k_cache=k_cache)
@@ -240,7 +252,6 @@ def attention_scores(q, k_cache, seq_lens, *, heads=None, block_size=1, scale=No
     scale = _checks.check_scale(scale, D)
     heads = _check_heads(heads, Hq)
     backend = dispatch.backend_for(backend, device)
-    if B == 0 or not heads:
-        return torch.zeros(B, math.ceil(k_cache.shape[2] / block_size), dtype=torch.float32, device=device)
-    run = _triton_attention_scores if backend == "triton" else _torch_attention_scores
-    return run(q, k_cache, seq_lens, heads, block_size, scale)
+    out = _checks.check_out(out, (B, (k_cache.shape[2] + block_size - 1) // block_size), torch.float32, device)
+    _attention_scores_into(q, k_cache, seq_lens, out, list(heads), block_size, scale, backend)
+    return out

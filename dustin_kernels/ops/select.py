@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .. import _checks, codegen, dispatch
+from .. import _checks, codegen, dispatch, library
 from ..spec import KernelSpec, next_pow2
 
 KEY_MIN = -(1 << 63)  # key of blocks that are not candidates
@@ -70,7 +70,7 @@ def _width(s_draft, s_target) -> int:
     return min(s.shape[1] for s in (s_draft, s_target) if s is not None)
 
 
-def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size):
+def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count):
     W = _width(s_draft, s_target)
     n = (seq_lens.long() - window + block_size - 1) // block_size  # history blocks [B]
     blocks = torch.arange(W, device=seq_lens.device)
@@ -83,9 +83,9 @@ def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, w
                 key = _torch_keys(scores[:, :W], sink, hi).masked_fill_(chosen, KEY_MIN)
                 chosen |= (n[:, None] > budget) & (key >= key.topk(quota, dim=1).values[:, -1:])
     listed = blocks.masked_fill(~chosen, W).sort(dim=1).values[:, :budget]  # chosen blocks first, ascending
-    idx = torch.full((seq_lens.shape[0], budget), -1, dtype=torch.int32, device=seq_lens.device)
+    idx.fill_(-1)
     idx[:, : listed.shape[1]] = torch.where(listed < W, listed, -1)
-    return idx, chosen.sum(1, dtype=torch.int32)
+    count.copy_(chosen.sum(1, dtype=torch.int32))
 
 
 def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
@@ -95,7 +95,7 @@ def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
     return k, tile, max(config["CHUNK"], tile)
 
 
-def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size):
+def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count):
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
@@ -107,8 +107,6 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
         n_draft = n_target = 0
-    idx = torch.empty(B, budget, dtype=torch.int32, device=device)
-    count = torch.empty(B, dtype=torch.int32, device=device)
     thr_d = torch.empty(B, dtype=torch.int64, device=device)
     d_args = (s_draft, *s_draft.stride()) if s_draft is not None else (scores, 0, 0)
     t_args = (s_target, *s_target.stride()) if s_target is not None else (scores, 0, 0)
@@ -134,7 +132,16 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     mod.emit[(B,)](*d_args, *t_args, thr_d, lists, n_chunks, last_quota, seq_lens, idx, count,
                    W, window, sink, recent, budget, USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0,
                    K=last_k, TILE=config["EMIT_TILE"], num_warps=warps, num_stages=stages)
-    return idx, count
+
+
+@library.custom_op("select_tokens", mutates_args=("idx", "count"))
+def _select_tokens_into(s_draft: torch.Tensor | None, s_target: torch.Tensor | None, seq_lens: torch.Tensor,
+                        idx: torch.Tensor, count: torch.Tensor, budget: int, m: int, sink: int, recent: int,
+                        window: int, block_size: int, backend: str) -> None:
+    """Unchecked `select_tokens` into idx int32[B, budget] and count int32[B] (contiguous)."""
+    if idx.shape[0]:
+        run = _triton_select_tokens if backend == "triton" else _torch_select_tokens
+        run(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count)
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
@@ -179,7 +186,7 @@ def _check_scores(name: str, scores, batch: int | None) -> None:
 
 
 def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, window, block_size=1,
-                  backend=None):
+                  backend=None, out=None):
     """The history blocks each sequence's sparse verification attends to, by Dustin's rule.
 
     s_draft, s_target: float32/float16/bfloat16 [B, W] block scores (draft lookahead, target history),
@@ -190,8 +197,9 @@ def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, 
     else blocks [0, sink), the last `recent`, the top min(m, budget - sink - recent) others by s_draft
     (all of the free budget when s_target is None), the rest of the budget by s_target; ties go to the
     lower block, and a NaN score ranks lowest (below -inf). Returns (idx int32[B, budget]: chosen blocks
-    ascending, -1 padded; count int32[B]). An inference op (no autograd): tensors that require grad are
-    refused.
+    ascending, -1 padded; count int32[B]), written into out=(idx, count) when given (contiguous tensors
+    of those shapes). An inference op (no autograd): tensors that require grad are refused. Also
+    `torch.ops.dustin_kernels.select_tokens` (`dustin_kernels.library`).
     """
     _checks.check_int("budget", budget, 1)
     _checks.check_int("sink", sink, 0)
@@ -221,8 +229,11 @@ def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, 
                 raise ValueError(f"{name}: expected [B, W] with W >= {need} (history blocks of the longest "
                                  f"sequence at block_size {block_size}), got shape {tuple(s.shape)}")
     backend = dispatch.backend_for(backend, device)
-    if B == 0:
-        return torch.empty(0, budget, dtype=torch.int32, device=device), torch.empty(0, dtype=torch.int32,
-                                                                                      device=device)
-    run = _triton_select_tokens if backend == "triton" else _torch_select_tokens
-    return run(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size)
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise TypeError(f"out: expected None or a pair (idx int32[B, budget], count int32[B]), got {type(out).__name__}"
+                        f"{f' of {len(out)}' if isinstance(out, (tuple, list)) else ''}")
+    idx, count = out or (None, None)
+    idx = _checks.check_out(idx, (B, budget), torch.int32, device, "out[0] (idx)")
+    count = _checks.check_out(count, (B,), torch.int32, device, "out[1] (count)")
+    _select_tokens_into(s_draft, s_target, seq_lens, idx, count, budget, m, sink, recent, window, block_size, backend)
+    return idx, count

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .. import _checks, codegen, dispatch
+from .. import _checks, codegen, dispatch, library
 from ..aot import AotKernel
 from ..shapes import PRESETS
 from ..spec import DTYPE_NAMES, KernelSpec, next_pow2
@@ -133,39 +133,88 @@ def _spec(q, k, *, block_size, variant) -> KernelSpec:
                       variant=variant)
 
 
-def _triton_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_size, scale, variant):
-    """Launch the kernel; returns (out [B, Hq, T, D] in q's dtype, lse float32 [B, Hq, T]). The launch
-    config comes from `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`)."""
+def _resolve(q, k, idx, *, block_size, variant) -> tuple:
+    """(module, launch config, workspace) of the Triton kernel for these shapes: the launch config comes from
+    `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`); the workspace
+    holds the splits' partial outputs when num_splits > 1."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     spec = _spec(q, k, block_size=block_size, variant=variant)
-    mod = codegen.load(spec)
     context = k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size
-    default = functools.partial(default_config, kv_heads=Hkv)
-    config = dispatch.config_for(spec, B, context, default, device=q.device)
+    config = dispatch.config_for(spec, B, context, functools.partial(default_config, kv_heads=Hkv), device=q.device)
     splits = config["num_splits"]
-
-    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     if splits > 1:  # the splits' partial outputs: fp32, or q's dtype (HALF_PARTIALS: half the bytes)
         ws_dtype = q.dtype if config["HALF_PARTIALS"] else torch.float32
-        ws_o = torch.empty(B * Hq * T, splits, D, dtype=ws_dtype, device=q.device)
-        ws_lse = torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device)
+        workspace = (torch.empty(B * Hq * T, splits, D, dtype=ws_dtype, device=q.device),
+                     torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device))
     else:  # unused by the kernel when NUM_SPLITS == 1
-        ws_o = ws_lse = lse
-    indexed = [idx.contiguous(), count.contiguous()] if variant != "dense" else []
-    table = [block_table.contiguous()] if variant == "paged" else []
-    extra = ([indexed[0].stride(0)] if indexed else []) + ([table[0].stride(0)] if table else [])
-    page = {"PAGE_SIZE": k.shape[2]} if variant == "paged" else {}
-    mod.sparse_verify_fwd[(Hkv, B, splits)](
-        q, k, v, seq_lens.contiguous(), *indexed, *table, out, lse, ws_o, ws_lse,
+        workspace = None
+    return codegen.load(spec), config, workspace
+
+
+def _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scale) -> None:
+    """Launch the resolved kernel (`_resolve`) into out [B, Hq, T, D] and lse float32 [B, Hq, T], both
+    contiguous; seq_lens, idx, count and block_table contiguous. No allocation, no host sync."""
+    mod, config, workspace = resolved
+    B, Hq, T, _ = q.shape
+    splits = config["num_splits"]
+    ws_o, ws_lse = workspace or (lse, lse)
+    indexed = [idx, count] if idx is not None else []
+    table = [block_table] if block_table is not None else []
+    extra = [t.stride(0) for t in indexed[:1] + table]
+    page = {"PAGE_SIZE": k.shape[2]} if table else {}
+    mod.sparse_verify_fwd[(k.shape[1], B, splits)](
+        q, k, v, seq_lens, *indexed, *table, out, lse, ws_o, ws_lse,
         scale * math.log2(math.e), *q.stride(), *k.stride(), *v.stride(), *extra, **page,
         BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         mod.sparse_verify_merge[(B * Hq * T,)](ws_o, ws_lse, out, lse, NUM_SPLITS=splits,
                                                BLOCK_S=next_pow2(splits), num_warps=4)
-    return out, lse
+
+
+def _verify(q, k, v, seq_lens, idx, count, block_table, out, lse, *, block_size, scale, variant, resolved) -> None:
+    """Attention into out and lse: the Triton kernel `resolved` by `_resolve`, or the torch backend (None)."""
+    if resolved is None:
+        o, l = _torch_sparse_verify(q, k, v, seq_lens, idx, count, block_table, block_size=block_size, scale=scale,
+                                    variant=variant)
+        out.copy_(o)
+        lse.copy_(l)
+    else:
+        _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scale)
+
+
+def _verify_into(q, k, v, seq_lens, idx, count, block_table, out, lse, block_size, scale, variant, backend) -> None:
+    """One unchecked call: resolve (Triton) and run."""
+    seq_lens, idx, count, block_table = (t if t is None else t.contiguous() for t in (seq_lens, idx, count, block_table))
+    resolved = _resolve(q, k, idx, block_size=block_size, variant=variant) if backend == "triton" else None
+    _verify(q, k, v, seq_lens, idx, count, block_table, out, lse, block_size=block_size, scale=scale,
+            variant=variant, resolved=resolved)
+
+
+@library.custom_op("sparse_verify", mutates_args=("out", "lse"))
+def _sparse_verify_into(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                        idx: torch.Tensor, count: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        block_size: int, scale: float, backend: str) -> None:
+    """Unchecked `sparse_verify` into out [B, Hq, T, D] and lse float32 [B, Hq, T] (contiguous)."""
+    _verify_into(q, k_cache, v_cache, seq_lens, idx, count, None, out, lse, block_size, scale, "", backend)
+
+
+@library.custom_op("sparse_verify_paged", mutates_args=("out", "lse"))
+def _sparse_verify_paged_into(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, idx: torch.Tensor,
+                              count: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, block_size: int,
+                              scale: float, backend: str) -> None:
+    """Unchecked `sparse_verify_paged` into out [B, Hq, T, D] and lse float32 [B, Hq, T] (contiguous)."""
+    _verify_into(q, k_pages, v_pages, seq_lens, idx, count, block_table, out, lse, block_size, scale, "paged",
+                 backend)
+
+
+@library.custom_op("dense_verify", mutates_args=("out", "lse"))
+def _dense_verify_into(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str) -> None:
+    """Unchecked `dense_verify` into out [B, Hq, T, D] and lse float32 [B, Hq, T] (contiguous)."""
+    _verify_into(q, k_cache, v_cache, seq_lens, None, None, None, out, lse, 1, scale, "dense", backend)
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
@@ -255,46 +304,57 @@ def _check_flag(return_lse) -> None:
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
 
 
-def _finish(out_lse, return_lse: bool):
-    return out_lse if return_lse else out_lse[0]
+def _check_cache_inputs(q, k_cache, v_cache, seq_lens, idx, count, block_size, scale) -> tuple[float, torch.device]:
+    """Checks of `sparse_verify` (of `dense_verify` when idx is None); returns (scale, device)."""
+    B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
+    _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
+    _checks.check_power_of_two("block_size", block_size)
+    scale = _checks.check_scale(scale, D)
+    device = _checks.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, idx=idx, count=count)
+    _checks.check_seq_lens(seq_lens, B, T, k_cache.shape[2], device)
+    if idx is not None or count is not None:
+        _check_selection(idx, count, seq_lens, B, T, block_size)
+    return scale, device
+
+
+def _outputs(q, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, T, D] in q's dtype: `out` checked, or a new tensor; a new lse float32 [B, Hq, T])."""
+    out = _checks.check_out(out, tuple(q.shape), q.dtype, q.device)
+    return out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
 def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, scale=None,
-                  return_lse=False, backend=None):
+                  return_lse=False, backend=None, out=None):
     """Attention of the T window queries over the selected history blocks plus the causal window.
 
     q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, N_max, D] (any strides, Hq = G * Hkv); seq_lens int32[B]
     (valid entries including the window); idx int32[B, W]: the first count[b] entries are distinct
     history blocks (block j = tokens [j * block_size, (j + 1) * block_size) below ctx_len = seq_lens - T),
-    -1 padding after; count int32[B]. Returns out [B, Hq, T, D] in q's dtype, and with return_lse=True
-    also lse float32 [B, Hq, T] (natural-log log-sum-exp of the scaled scores). An inference op (no
-    autograd): tensors that require grad are refused.
+    -1 padding after; count int32[B]. Returns out [B, Hq, T, D] in q's dtype (written into `out` when
+    given: contiguous, that shape and dtype), and with return_lse=True also lse float32 [B, Hq, T]
+    (natural-log log-sum-exp of the scaled scores). An inference op (no autograd): tensors that require
+    grad are refused. Also `torch.ops.dustin_kernels.sparse_verify` (`dustin_kernels.library`).
 
     CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
     what shapes and the launch config determine (out, lse, and when num_splits > 1 the fp32 workspace
     [B*Hq*T, num_splits, D + 1]); value checks of seq_lens / idx / count read the tensors on the host and
     are skipped while a graph is being captured, so validate them before capturing.
     """
-    B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
-    _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
-    _checks.check_power_of_two("block_size", block_size)
-    scale = _checks.check_scale(scale, D)
     _check_flag(return_lse)
-    device = _checks.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, idx=idx, count=count)
-    _checks.check_seq_lens(seq_lens, B, T, k_cache.shape[2], device)
-    _check_selection(idx, count, seq_lens, B, T, block_size)
-    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
-    return _finish(run(q, k_cache, v_cache, seq_lens, idx, count, None, block_size=block_size, scale=scale,
-                       variant=""), return_lse)
+    scale, device = _check_cache_inputs(q, k_cache, v_cache, seq_lens, idx, count, block_size, scale)
+    out, lse = _outputs(q, out)
+    _sparse_verify_into(q, k_cache, v_cache, seq_lens, idx, count, out, lse, block_size, scale,
+                        dispatch.backend_for(backend, device))
+    return (out, lse) if return_lse else out
 
 
 def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, *, block_size=1, scale=None,
-                        return_lse=False, backend=None):
+                        return_lse=False, backend=None, out=None):
     """`sparse_verify` over a paged cache: k_pages, v_pages [num_pages, Hkv, page_size, D] (any strides;
     an NHD cache [num_pages, page_size, Hkv, D] is passed as `.transpose(1, 2)`); block_table
     int32[B, max_pages] maps logical page p of sequence b to a physical page. page_size is read from
-    the pages' shape and is independent of block_size. Same results, CUDA-graph notes and refusal of
-    tensors that require grad (an inference op) as `sparse_verify`.
+    the pages' shape and is independent of block_size. Same results, `out`, CUDA-graph notes and refusal
+    of tensors that require grad (an inference op) as `sparse_verify`.
     """
     _checks.check_tensor("q", q, 4, shape_doc="[B, Hq, T, D]")
     _checks.check_tensor("k_pages", k_pages, 4, shape_doc="[num_pages, Hkv, page_size, D]")
@@ -327,22 +387,20 @@ def sparse_verify_paged(q, k_pages, v_pages, block_table, seq_lens, idx, count, 
             raise ValueError(f"block_table: expected page ids in [0, num_pages={num_pages}) for the pages that "
                              f"hold seq_lens[b] tokens, got {int(block_table[b, p])} at [{b}, {p}]")
     _check_selection(idx, count, seq_lens, B, T, block_size)
-    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
-    return _finish(run(q, k_pages, v_pages, seq_lens, idx, count, block_table, block_size=block_size, scale=scale,
-                       variant="paged"), return_lse)
+    out, lse = _outputs(q, out)
+    _sparse_verify_paged_into(q, k_pages, v_pages, block_table, seq_lens, idx, count, out, lse, block_size, scale,
+                              dispatch.backend_for(backend, device))
+    return (out, lse) if return_lse else out
 
 
-def dense_verify(q, k_cache, v_cache, seq_lens, *, scale=None, return_lse=False, backend=None):
+def dense_verify(q, k_cache, v_cache, seq_lens, *, scale=None, return_lse=False, backend=None, out=None):
     """Dense causal attention of the T window queries over every history token (the dense mode of the
-    sparse kernel: the in-house dense baseline). Shapes, outputs, CUDA-graph notes and refusal of tensors
-    that require grad (an inference op) as `sparse_verify`.
+    sparse kernel: the in-house dense baseline). Shapes, outputs, `out`, CUDA-graph notes and refusal of
+    tensors that require grad (an inference op) as `sparse_verify`.
     """
-    B, Hq, Hkv, T, D = _checks.check_qk(q, k_cache)
-    _check_kv(q, k_cache, v_cache, "k_cache", "v_cache", "[B, Hkv, N_max, D]")
-    scale = _checks.check_scale(scale, D)
     _check_flag(return_lse)
-    device = _checks.check_same_device(q=q, k_cache=k_cache, v_cache=v_cache)
-    _checks.check_seq_lens(seq_lens, B, T, k_cache.shape[2], device)
-    run = _triton_sparse_verify if dispatch.backend_for(backend, device) == "triton" else _torch_sparse_verify
-    return _finish(run(q, k_cache, v_cache, seq_lens, None, None, None, block_size=1, scale=scale,
-                       variant="dense"), return_lse)
+    scale, device = _check_cache_inputs(q, k_cache, v_cache, seq_lens, None, None, 1, scale)
+    out, lse = _outputs(q, out)
+    _dense_verify_into(q, k_cache, v_cache, seq_lens, out, lse, scale, dispatch.backend_for(backend, device))
+    return (out, lse) if return_lse else out
+
