@@ -8,7 +8,7 @@ the `CPU_ATTN` member's class path; vLLM's CPU platform always picks that member
 - a target layer (not the draft's: vLLM names those `draft_model.*`) at a verification step: every
   request of the batch has the same T > 1 query rows (the pending token and the drafts) and a history;
 - layers before the profile's target layer attend densely (vLLM's kernel); at the target layer, the T
-  window queries of its retrieval heads score the history (`attention_scores`; under tensor
+  window queries of its retrieval heads score the history (`attention_scores_paged`; under tensor
   parallelism each rank scores the retrieval heads it holds and the score rows are summed over vLLM's
   tensor-parallel group, so every rank selects the same blocks), `select_tokens` keeps sink + recent +
   the best of the rest within the budget, and that layer and the later ones run `sparse_verify_paged`
@@ -105,14 +105,12 @@ def _select(settings: Settings, q, key_cache, block_table, seq_lens, T: int, sca
     """Dustin's selection from the window queries q [B, Hq, T, D] of the target layer's retrieval heads."""
     from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
 
-    from .. import attention_scores, select_tokens
+    from .. import select_tokens
     from ..distributed import local_heads
+    from ..ops.engine import attention_scores_paged
 
-    B, Hkv, page, D = q.shape[0], key_cache.shape[1], key_cache.shape[2], q.shape[3]
-    pages = block_table[:, : -(-int(seq_lens.max()) // page)].long()
-    keys = key_cache[pages].permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)  # [B, Hkv, pages * page, D]
     heads = local_heads(settings.target_heads, get_tensor_model_parallel_rank(), q.shape[1])
-    scores = attention_scores(q, keys, seq_lens, heads=heads, scale=scale)
+    scores = attention_scores_paged(q, key_cache, block_table, seq_lens, heads=heads, scale=scale)
     scores = tensor_model_parallel_all_reduce(scores)
     return select_tokens(None, scores, seq_lens, budget=settings.budget, m=0, sink=settings.sink,
                          recent=settings.recent, window=T)
