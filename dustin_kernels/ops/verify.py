@@ -333,7 +333,8 @@ def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, sc
     -1 padding after; count int32[B]. Returns out [B, Hq, T, D] in q's dtype (written into `out` when
     given: contiguous, that shape and dtype), and with return_lse=True also lse float32 [B, Hq, T]
     (natural-log log-sum-exp of the scaled scores). An inference op (no autograd): tensors that require
-    grad are refused. Also `torch.ops.dustin_kernels.sparse_verify` (`dustin_kernels.library`).
+    grad are refused. Also `torch.ops.dustin_kernels.sparse_verify` (`dustin_kernels.library`); for every
+    layer of a step, `VerifyPlan` checks and resolves once.
 
     CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
     what shapes and the launch config determine (out, lse, and when num_splits > 1 the fp32 workspace
@@ -404,3 +405,36 @@ def dense_verify(q, k_cache, v_cache, seq_lens, *, scale=None, return_lse=False,
     _dense_verify_into(q, k_cache, v_cache, seq_lens, out, lse, scale, dispatch.backend_for(backend, device))
     return (out, lse) if return_lse else out
 
+
+class VerifyPlan:
+    """`sparse_verify` (`dense_verify` when idx and count are None) of every layer of one step, FlashInfer's
+    plan/run: made once per step, it checks the inputs, resolves the kernel and its launch config and
+    allocates the output, lse and split-KV workspace; `run`, once per layer, only launches (no checks of
+    values, no lookups, no allocation, no host sync: CUDA-graph capturable).
+
+    q, k_cache, v_cache: one layer's tensors, as `sparse_verify` takes them; every layer's must have their
+    shapes, dtype and device. seq_lens, idx, count, block_size, scale, backend: as `sparse_verify`, the
+    same for every layer (the plan keeps the tensors: do not change them before the step's last run).
+    Under torch.compile / torch.export call the ops instead (custom ops, `dustin_kernels.library`).
+    """
+
+    def __init__(self, q, k_cache, v_cache, seq_lens, idx=None, count=None, *, block_size=1, scale=None,
+                 backend=None):
+        if (idx is None) != (count is None):
+            raise ValueError("idx, count: expected both (sparse verification) or neither (dense), got one")
+        self.variant = "dense" if idx is None else ""
+        self.block_size = block_size if idx is not None else 1
+        self.scale, device = _check_cache_inputs(q, k_cache, v_cache, seq_lens, idx, count, block_size, scale)
+        self.seq_lens, self.idx, self.count = (t if t is None else t.contiguous() for t in (seq_lens, idx, count))
+        self.out, self.lse = _outputs(q, None)  # lse [B, Hq, T] of the last run
+        triton = dispatch.backend_for(backend, device) == "triton"
+        self._resolved = _resolve(q, k_cache, self.idx, block_size=self.block_size, variant=self.variant) \
+            if triton else None
+
+    def run(self, q, k_cache, v_cache, *, out=None) -> torch.Tensor:
+        """out [B, Hq, T, D] of this layer: the plan's buffer (overwritten by the next run), or `out` (a
+        contiguous tensor of that shape and q's dtype); `self.lse` holds its lse float32 [B, Hq, T]."""
+        out = self.out if out is None else _checks.check_out(out, self.out.shape, self.out.dtype, self.out.device)
+        _verify(q, k_cache, v_cache, self.seq_lens, self.idx, self.count, None, out, self.lse,
+                block_size=self.block_size, scale=self.scale, variant=self.variant, resolved=self._resolved)
+        return out
