@@ -131,6 +131,42 @@ def test_noncontiguous_scores_of_different_widths(backend):
     _check(s_draft, s_target, seq_lens, backend, budget=40, m=8, window=3)
 
 
+def test_score_widths_share_one_compiled_kernel(monkeypatch):
+    """Score rows of 4096 and 4100 columns (caches of any length) give the same JIT specialisation key
+    for every kernel: no recompile when the context grows. The interpreter does not compile, so the key
+    is computed by Triton's own binder from the recorded launch arguments."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from dustin_kernels import codegen
+    from dustin_kernels.spec import KernelSpec
+
+    mod = codegen.load(KernelSpec("select_tokens", "interp"))
+    keys = {}
+
+    def recorded(name, width):
+        kernel = getattr(mod, name)
+        jit = JITFunction(kernel.fn, **kernel.kwargs)
+        binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+
+        def launch(grid):
+            def run(*args, **kwargs):
+                keys.setdefault(name, {})[width] = str(binder(*args, **kwargs)[1])
+                return kernel[grid](*args, **kwargs)
+            return run
+        return type("Recorded", (), {"__getitem__": lambda self, grid: launch(grid)})()
+
+    seq_lens = torch.tensor([300, 200], dtype=torch.int32)
+    for width in (4096, 4100):
+        with monkeypatch.context() as patch:
+            for name in ("chunk_topk", "threshold", "emit"):
+                patch.setattr(mod, name, recorded(name, width))
+            _check(_scores(2, width), _scores(2, width), seq_lens, "triton", budget=40, m=10, window=5)
+    assert set(keys) == {"chunk_topk", "threshold", "emit"}
+    for name, by_width in keys.items():
+        assert by_width[4096] == by_width[4100], name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_seq_lens(backend):
     """seq_lens as a strided view: the kernels must read seq_lens[b], not the b-th element of its storage."""
