@@ -84,7 +84,7 @@ def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False
     device = target.device
     sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_ids=eos_ids, progress=progress,
-                  fidelity=args.fidelity)
+                  fidelity=args.fidelity, compile=args.compile)
     if policy is None:
         return generate(None, target, ids, gamma=0, **common)
     return generate(draft, target, ids, gamma=args.gamma, policy=policy, **common)
@@ -286,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, default=None, help="default: cuda if available, else cpu (--demo: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--max-len", type=int, default=None, help="cache positions (default: max_position_embeddings)")
+    p.add_argument("--compile", action="store_true", help="run each speculative step as one compiled graph "
+                   "(torch.compile fullgraph; CUDA graphs on CUDA); greedy, without --fidelity")
     p.add_argument("--fidelity", action="store_true", help="also measure each sparse verification against dense "
                    "verification (attention mass kept, top-k recall, output error, greedy agreement; slower)")
     p.add_argument("--json", action="store_true", help="print one JSON object (sequences and stats)")
@@ -299,6 +301,8 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens and --gamma must be >= 1")
     if not args.demo and not (args.target and args.draft):
         p.error("--target and --draft are required (or --demo)")
+    if args.compile and (args.fidelity or args.temperature > 0):
+        p.error("--compile: the compiled step is greedy (--temperature 0) and without --fidelity")
     if args.demo and (args.layers is not None and args.layers < 2 or args.context < 100 or args.batch < 1):
         p.error("--demo: --layers must be >= 2, --context >= 100, --batch >= 1")
     args.policy = list(dict.fromkeys(args.policy or (["plain", *POLICIES] if args.demo else ["dustin"])))

@@ -23,6 +23,7 @@ two vocab_size (rows past it are padding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple, Sequence
 
@@ -202,6 +203,15 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     return Step(tokens, counts, new_state, read, dense)
 
 
+@functools.cache
+def compiled_step(backend: str = "inductor", device_type: str = "cpu"):
+    """`speculative_step` compiled into one graph per (batch, policy, gamma, shapes) (`fullgraph=True`:
+    the ops are opaque custom ops, lengths stay on the device); on CUDA with Inductor its replays are
+    CUDA graphs (`mode="reduce-overhead"`)."""
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+    return torch.compile(speculative_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+
+
 @dataclasses.dataclass
 class Stats:
     """Acceptance length = tokens a sequence gets from one verification (accepted drafts + 1);
@@ -249,13 +259,15 @@ class Generation:
 def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int] = 64, gamma: int = 4, policy=Dense(), sampler: Sampler = Sampler(),
              eos_ids: Sequence[int] | None = None, max_len: int | None = None, chunk: int | None = None,
-             progress: bool = False, fidelity: bool = False) -> Generation:
+             progress: bool = False, fidelity: bool = False, compile: bool | str = False) -> Generation:
     """Speculative decoding of a batch of token-id prompts (ragged lengths).
 
     max_new_tokens: one int or one per prompt; a sequence also stops after any of `eos_ids` (default:
     the target config's eos_token_id). max_len: cache positions (default: just enough, the longest
     prompt + max_new_tokens + gamma). draft=None with gamma=0 is plain decoding by the target.
     fidelity: also measure each sparse step against dense verification (`fidelity.py`; slower, same tokens).
+    compile: run each step as one `torch.compile(fullgraph=True)` graph (`compiled_step`; True: Inductor,
+    CUDA graphs on CUDA; a string names another torch.compile backend); greedy only, not with fidelity.
     Returns the new tokens of each sequence and the `Stats`."""
     B = len(prompts)
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -274,9 +286,17 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
                          f"the cache of {max_len}")
     name = policy.name if draft is not None else "plain" if policy.name == "dense" else f"plain/{policy.name}"
     stats = Stats(name, gamma, accept_hist=[0] * (gamma + 1))
+    if compile and (fidelity or not sampler.greedy):
+        raise ValueError("compile: the compiled step is greedy and unprobed (sampling draws from a torch.Generator, "
+                         "which torch.compile does not trace; fidelity reads the host)")
+    step_fn = compiled_step("inductor" if compile is True else compile, target.device.type) if compile \
+        else speculative_step
     probe = Probe() if fidelity else None
     begin = time.perf_counter()
     draft_cache, target_cache, state = start(draft, target, prompts, max_len or need, policy, chunk=chunk)
+    if compile and target.device.type == "cuda":  # CUDA graphs keep the caches where they were captured
+        for t in target_cache.k + target_cache.v + (draft_cache.k + draft_cache.v if draft_cache else []):
+            torch._dynamo.mark_static_address(t)
     done = [n == 0 for n in max_new]
     state.active = torch.tensor([not d for d in done], device=target.device)
     per_token = target_cache.kv_bytes_per_token() // target.config.num_layers  # per layer
@@ -289,7 +309,7 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
         while not all(done):
             scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active)
-            step = speculative_step(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
+            step = step_fn(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
             tokens, counts = step.tokens.tolist(), step.counts.tolist()  # the step's one host sync
             before = sum(map(len, out))
             for b in range(B):

@@ -8,12 +8,14 @@ timings of `tools/results/h200-session2` and the byte counts of the models.
 
     python tools/bench_e2e.py [--out DIR] [--shape PRESET] [--layers N] [--contexts 2048 4096]
         [--batches 1 4] [--policies plain dense dustin streaming quest] [--budget 64] [--gamma 4]
-        [--new-tokens 16] [--device cuda] [--dtype bf16]
+        [--new-tokens 16] [--device cuda] [--dtype bf16] [--compile]
 
 Writes bench_e2e.json and bench_e2e.csv (a row per context x batch x policy), tokens_per_s.png
 (tokens/s against context per policy, a panel per batch) and breakdown.png (ms per step by phase, per
-policy, at the largest context and batch) into --out (default: $DUSTIN_CACHE_DIR/bench_e2e). The step
-is eager (not graph-captured): on a CPU the timings show the mechanics, not the method's speed.
+policy, at the largest context and batch) into --out (default: $DUSTIN_CACHE_DIR/bench_e2e). With
+--compile the timed steps are compiled graphs (CUDA graphs on CUDA) and the breakdown comes from the
+eager step; without it every step is eager. On a CPU the timings show the mechanics, not the
+method's speed.
 """
 from __future__ import annotations
 
@@ -80,15 +82,15 @@ def measure(spec, draft, target, policy_name: str, context: int, batch: int, arg
     policy = make_policy("dense" if plain else policy_name, testbed.profile(spec), budget=args.budget)
     gamma = 0 if plain else args.gamma
 
-    def run(new_tokens):
+    def run(new_tokens, compile=args.compile):
         return generate(None if plain else draft, target, ids, max_new_tokens=new_tokens, gamma=gamma,
-                        policy=policy, eos_ids=())
+                        policy=policy, eos_ids=(), compile=compile)
 
-    run(gamma + 1)  # warm-up: kernels compiled, caches allocated
+    run(gamma + 1)  # warm-up: kernels (and with --compile, the step's graph) compiled, caches allocated
     result = run(args.new_tokens)
     stats = result.stats
     step_ms = 1e3 * stats.decode_s / stats.steps
-    phases = phases_ms(lambda: run(args.new_tokens), args.device)
+    phases = phases_ms(lambda: run(args.new_tokens, compile=False), args.device)  # ranges of the eager step
     floor_ms = step_floor_bytes(stats, draft, target, batch, context, gamma) / (bandwidth * 1e6)
     breakdown = dict(zip(BREAKDOWN, (
         phases["draft"], phases["select"] + phases["refine"], phases["attention"],
@@ -145,7 +147,7 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set(xscale="log", xlabel="context (tokens)", ylabel="tokens/s", title=f"batch {batch}")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle("end-to-end speculative decoding, retrieval testbed (eager steps)")
+    fig.suptitle("end-to-end speculative decoding, retrieval testbed")
     fig.tight_layout()
     fig.savefig(out / "tokens_per_s.png", dpi=110)
     last = [r for r in rows if r["batch"] == batches[-1] and r["context"] == max(x["context"] for x in rows)]
@@ -179,6 +181,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="time the compiled step (torch.compile fullgraph; CUDA "
+                   "graphs on CUDA); the breakdown comes from the eager step")
     args = p.parse_args(argv)
     if min(args.contexts) < 100 or min(args.batches) < 1 or args.layers < 2 or args.gamma < 1 or args.new_tokens < 1:
         p.error("--contexts >= 100, --batches >= 1, --layers >= 2, --gamma >= 1, --new-tokens >= 1")

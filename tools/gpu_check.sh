@@ -116,7 +116,7 @@ step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jo
 
 # --- 5. end to end, with what time is left: the retrieval testbed at the Qwen2.5-7B attention shape ---
 step e2e 120 "$PYTHON" tools/bench_e2e.py --device cuda --shape qwen2.5-7b --layers 12 --contexts 8192 16384 32768 \
-    --batches 4 --budget 512 --new-tokens 32 --out "$DIR/e2e"
+    --batches 4 --budget 512 --new-tokens 32 --compile --out "$DIR/e2e"
 
 echo "gpu_check: $([ $FAILED -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - START)) s; results in $DIR" \
     | tee -a "$DIR/summary.txt"
