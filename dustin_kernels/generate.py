@@ -96,7 +96,8 @@ def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=No
     untimed step on the same batch, so that its kernels' compilation stays out of its tokens/s."""
     rows, reference = [], None
     warm_up = argparse.Namespace(**{**vars(args), "max_new_tokens": 1, "fidelity": False})
-    for name, policy in policies.items():
+    for i, (name, policy) in enumerate(policies.items()):
+        print(f"[{i + 1}/{len(policies)}] {name}", file=sys.stderr, flush=True)
         run_policy(draft, target, ids, policy, warm_up, eos_ids=eos_ids)
         result = run_policy(draft, target, ids, policy, args, eos_ids=eos_ids)
         if reference is None:
@@ -111,21 +112,27 @@ def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=No
 def print_table(rows: list[dict], fidelity: bool) -> None:
     """The policies side by side (see `compare`)."""
     first, recall = rows[0]["policy"], "recall" in rows[0]
-    print(f"{'policy':12}" + (f" {'recall':>7}" if recall else "") + f" {'accept len':>10} {'tokens/s':>9} "
+    print(f"{'policy':13}" + (f" {'recall':>7}" if recall else "") + f" {'accept len':>10} {'tokens/s':>9} "
           f"{'KV read vs dense':>17} {'same as ' + first:>21}"
-          + (f" {'mass kept':>9} {'top-k recall':>12} {'attn error':>10}" if fidelity else ""))
+          + (f" {'mass kept':>10} {'top-k recall':>12} {'attn error':>10} {'agreement':>10}" if fidelity else ""))
     for r in rows:
         f = r["fidelity"]
-        print(f"{r['policy']:12}" + (f" {r['recall']:7.1%}" if recall else "")
+        print(f"{r['policy']:13}" + (f" {r['recall']:7.1%}" if recall else "")
               + f" {r['mean_accept']:10.2f} {r['tokens_per_s']:9.1f} {r['kv_fraction']:17.1%} {r['same_as_first']:21.1%}"
-              + (f" {f['mass_kept']:9.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f}" if f else ""))
+              + (f" {f['mass_kept']:10.2%} {f['topk_recall']:12.2%} {f['output_error']:10.4f} "
+                 f"{f['greedy_agreement']:10.1%}" if f else ""))
     print(textwrap.fill(
         "accept len: tokens per verification; KV read: the verification's K/V bytes plus the scores' K bytes, "
-        "against dense verification" + (
-            "; fidelity (sparse policies, against dense attention on the same inputs, every target layer): mass "
-            "kept = dense attention mass on the keys read; top-k recall = that over the mass of as many keys of "
-            "largest weight; attn error = relative L2 error of the attention output; tokens/s include this "
-            "dense probe" if fidelity else "") + ".", 110))
+        "against dense verification (above 100% where the budget covers the history: the scores come on top)"
+        + ("; fidelity (sparse policies, against dense attention on the same inputs, every target layer): mass "
+           "kept = dense attention mass on the keys read; top-k recall = that over the mass of as many keys of "
+           "largest weight; attn error = relative L2 error of the attention output; agreement = window positions "
+           "whose greedy token a dense-verified pass also gives; tokens/s include this dense probe"
+           if fidelity else "") + ".", 110))
+    if "text" in rows[0]:
+        print("first sequence's new text, per policy:")
+        for r in rows:
+            print(f"  {r['policy']:13} {r['text'][:90]}")
 
 
 def format_stats(stats) -> list[str]:
@@ -148,10 +155,12 @@ def format_fidelity(f: dict) -> str:
 
 def run(args) -> dict:
     device = args.device or default_device()
-    prompts = list(args.prompt or [])
-    for path in args.prompt_file or []:
-        with open(path, encoding="utf-8") as f:
-            prompts.append(f.read())
+    prompts = []
+    for kind, value in args.prompts or []:  # in the order given
+        if kind == "file":
+            with open(value, encoding="utf-8") as f:
+                value = f.read()
+        prompts.append(value)
     if not prompts:
         raise ValueError("--prompt / --prompt-file: give at least one prompt")
     draft, target, tokenizer = load_pair(args.target, args.draft, dtype=args.dtype and DTYPES[args.dtype],
@@ -159,7 +168,10 @@ def run(args) -> dict:
     say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     policies = build_policies(args, draft.config, target.config, say)
     ids = [tokenizer.encode(p).ids for p in prompts]
-    cap = args.max_len or min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    positions = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    if args.max_len is not None and args.max_len > positions:
+        raise ValueError(f"--max-len: {args.max_len} exceeds the models' max_position_embeddings ({positions})")
+    cap = args.max_len or positions
     for b, p in enumerate(ids):
         if not p:
             raise ValueError(f"prompt {b}: encodes to no tokens")
@@ -238,8 +250,6 @@ def demo(args) -> dict:
     if not args.json:
         print_table(rows, args.fidelity)
         print(f"asked for: {tokenizer.decode(expected[0])}")
-        for row in rows:
-            print(f"  {row['policy']:12} {row['text']}")
         print(textwrap.fill(
             "recall: share of the asked values generated in place. plain: the target alone; dense: speculative "
             "decoding with dense verification. Timings of small models on a CPU only show the mechanics; the "
@@ -266,8 +276,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="--demo: prompts, from --context down to 0.7x (default 2)")
     p.add_argument("--target", help="target checkpoint folder")
     p.add_argument("--draft", help="draft checkpoint folder")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--prompt-file", action="append", help="a file holding one prompt (repeatable)")
+    p.add_argument("--prompt", action="append", dest="prompts", type=lambda s: ("text", s),
+                   help="a prompt (repeat for a batch; with --prompt-file, in the order given)")
+    p.add_argument("--prompt-file", action="append", dest="prompts", type=lambda s: ("file", s),
+                   help="a file holding one prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; 8 (the asked values) with --demo")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (the target verifies gamma + 1)")
     p.add_argument("--policy", nargs="+", action="extend", choices=("plain",) + POLICIES, default=None,
@@ -301,6 +313,8 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens and --gamma must be >= 1")
     if not args.demo and not (args.target and args.draft):
         p.error("--target and --draft are required (or --demo)")
+    if args.max_len is not None and args.max_len < 1:
+        p.error(f"--max-len: expected a positive number of cache positions, got {args.max_len}")
     if args.compile and (args.fidelity or args.temperature > 0):
         p.error("--compile: the compiled step is greedy (--temperature 0) and without --fidelity")
     if args.demo and (args.layers is not None and args.layers < 2 or args.context < 100 or args.batch < 1):

@@ -86,7 +86,16 @@ def test_generate_compares_policies_in_one_run(pair, capsys):
     assert set(result["policies"]) == {"dense", "streaming", "dustin"}
     code, out, err = run_cli(capsys, *argv, "--policy", "plain", "dustin", "--fidelity")
     assert code == 0, err
-    assert "same as plain" in out and "mass kept" in out and out.count("\n") < 12  # one table
+    assert "same as plain" in out and "mass kept" in out and "agreement" in out and out.count("\n") < 16
+    assert "first sequence's new text, per policy:" in out and "[2/2] dustin" in err  # texts, progress
+
+
+def test_prompts_keep_the_order_given(pair, capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("w3 w4 w5 w6")
+    code, out, err = run_cli(capsys, "--target", pair / "target", "--draft", pair / "draft", "--prompt-file",
+                             tmp_path / "p.txt", "--prompt", "w10 w11", "--max-new-tokens", 2, "--json")
+    assert code == 0, err
+    assert [s["prompt_tokens"] for s in json.loads(out)["sequences"]] == [4, 2]
 
 
 def run_calibrate(pair, out_file, *argv) -> int:
@@ -216,6 +225,7 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
         (["--target", tmp_path, "--draft", pair / "draft", "--prompt", "x"], "missing tokenizer.json"),
         (["--target", pair / "target", "--draft", other_vocab, "--prompt", "x"], "different vocabularies"),
         (base + ["--max-len", 16], "do not fit the cache of 16 positions"),
+        (base + ["--max-len", 100000], "--max-len: 100000 exceeds the models' max_position_embeddings (256)"),
         (base + ["--prompt", " ".join(["w9"] * 300)], "300 tokens + --max-new-tokens 128 + --gamma 4 do not fit "
                                                         "the cache of 256"),
         (base + ["--budget", 10], "budget: expected at least sink + recent = 20"),
@@ -237,6 +247,8 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
     (["--policy", "h2o"], "invalid choice: 'h2o'"),
     (["--gamma", "0"], "--gamma must be >= 1"),
     (["--demo", "--layers", "1"], "--layers must be >= 2"),
+    (["--max-len", "0"], "--max-len: expected a positive number"),
+    (["--compile", "--temperature", "0.5"], "--compile: the compiled step is greedy"),
     ([], "--target and --draft are required"),
 ])
 def test_bad_arguments(capsys, argv, message):
