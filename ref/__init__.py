@@ -1,4 +1,4 @@
-"""Float64 references of the three ops, written literally from DESIGN.md section 3.
+"""Float64 references of the three ops, written literally from their contract (README, "The ops").
 
 The oracle for tests, benchmarks and the tuner's correctness check. Slow on purpose (Python loops
 over sequences, heads and rows); never imported by the fast paths. Inputs are CPU or CUDA tensors;

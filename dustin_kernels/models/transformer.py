@@ -3,9 +3,9 @@
 The cache of each layer is `[B, Hkv, N_max, D]`; which entries are valid is the caller's business:
 `lens: int[B]` (tokens already in the cache per sequence). A forward pass over a window `tokens [B, T]`
 puts token t of sequence b at position `lens[b] + t`, writes its K/V there, then calls
-`attend(q, k_cache, v_cache, seq_lens)` with `seq_lens = lens + T`: the contract of the ops of DESIGN.md
-section 3, so `dense_verify`, `sparse_verify` with a fixed selection (`functools.partial`) or
-`causal_attention` (prefill chunks) plug in unchanged. Rolling back is setting `lens` back: entries
+`attend(q, k_cache, v_cache, seq_lens)` with `seq_lens = lens + T`: the contract of the ops (README, "The
+ops"), so `dense_verify`, a policy's per-step attention (`policies.StepAttention`) or `causal_attention`
+(prefill chunks) plug in unchanged. Rolling back is setting `lens` back: entries
 past it are never read. `capture` names layers whose post-RoPE queries the pass returns (the
 retrieval heads' scores of the Dustin policy are computed from them).
 """

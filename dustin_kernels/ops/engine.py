@@ -1,4 +1,4 @@
-"""The ops in a serving engine's layout: ragged query rows and a paged cache (DESIGN.md 3b).
+"""The ops in a serving engine's layout: ragged query rows and a paged cache.
 
 - `sparse_verify_varlen`: q `[num_tokens, Hq, D]`, request b's rows at `query_start_loc[b] :
   query_start_loc[b + 1]` (T may differ per request), pages `[num_pages, Hkv, page_size, D]` ("HND") or
