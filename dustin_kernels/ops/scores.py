@@ -124,7 +124,7 @@ def _torch_attention_scores(q, k_cache, seq_lens, heads, block_size, scale):
     return mass.view(B, n_out, block_size).sum(-1)
 
 
-def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out):
+def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out=None):
     B, Hq, T, D = q.shape
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     table = _head_table(heads, Hq // Hkv, q.device)
@@ -146,6 +146,7 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out
         tile_max = torch.empty(B, n_used, n_tiles, mod.BLOCK_R.value, dtype=torch.float32, device=q.device)
     else:
         sums = tile_max = partial_m  # not read
+    out = torch.empty(B, n_out, dtype=torch.float32, device=q.device) if out is None else out
     strides = (*q.stride(), *k_cache.stride())
     qk_scale = scale * LOG2E
     seq_lens = seq_lens.contiguous()
@@ -157,6 +158,7 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out
         q, k_cache, seq_lens, table, partial_m, partial_l, sums, tile_max, out, n_out, n_tiles, *strides,
         out.stride(0), qk_scale, N_USED=n_used, BLOCK_N=block_n, NUM_SPLITS=splits, ONE_PASS=bool(one_pass),
         LSE_BLOCK_N=lse_block_n, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out
 
 
 @library.custom_op("attention_scores", mutates_args=("out",))

@@ -70,7 +70,9 @@ def _width(s_draft, s_target) -> int:
     return min(s.shape[1] for s in (s_draft, s_target) if s is not None)
 
 
-def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count):
+def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx=None,
+                         count=None):
+    """(idx, count), written into the given tensors (new ones when None)."""
     W = _width(s_draft, s_target)
     n = (seq_lens.long() - window + block_size - 1) // block_size  # history blocks [B]
     blocks = torch.arange(W, device=seq_lens.device)
@@ -83,9 +85,11 @@ def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, w
                 key = _torch_keys(scores[:, :W], sink, hi).masked_fill_(chosen, KEY_MIN)
                 chosen |= (n[:, None] > budget) & (key >= key.topk(quota, dim=1).values[:, -1:])
     listed = blocks.masked_fill(~chosen, W).sort(dim=1).values[:, :budget]  # chosen blocks first, ascending
+    idx = torch.empty(len(seq_lens), budget, dtype=torch.int32, device=seq_lens.device) if idx is None else idx
     idx.fill_(-1)
     idx[:, : listed.shape[1]] = torch.where(listed < W, listed, -1)
-    count.copy_(chosen.sum(1, dtype=torch.int32))
+    counted = chosen.sum(1, dtype=torch.int32)
+    return idx, counted if count is None else count.copy_(counted)
 
 
 def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
@@ -95,7 +99,9 @@ def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
     return k, tile, max(config["CHUNK"], tile)
 
 
-def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count):
+def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx=None,
+                          count=None):
+    """(idx, count), written into the given tensors (new ones when None)."""
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
@@ -107,6 +113,8 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
         n_draft = n_target = 0
+    idx = torch.empty(B, budget, dtype=torch.int32, device=device) if idx is None else idx
+    count = torch.empty(B, dtype=torch.int32, device=device) if count is None else count
     thr_d = torch.empty(B, dtype=torch.int64, device=device)
     d_args = (s_draft, *s_draft.stride()) if s_draft is not None else (scores, 0, 0)
     t_args = (s_target, *s_target.stride()) if s_target is not None else (scores, 0, 0)
@@ -132,6 +140,7 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     mod.emit[(B,)](*d_args, *t_args, thr_d, lists, n_chunks, last_quota, seq_lens, idx, count,
                    W, window, sink, recent, budget, USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0,
                    K=last_k, TILE=config["EMIT_TILE"], num_warps=warps, num_stages=stages)
+    return idx, count
 
 
 @library.custom_op("select_tokens", mutates_args=("idx", "count"))

@@ -184,6 +184,13 @@ def _verify(q, k, v, seq_lens, idx, count, block_table, out, lse, *, block_size,
         _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scale)
 
 
+def _triton_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_size, scale, variant):
+    """The Triton backend with `_torch_sparse_verify`'s signature: (out, lse), new tensors."""
+    out, lse = _outputs(q, None)
+    _verify_into(q, k, v, seq_lens, idx, count, block_table, out, lse, block_size, scale, variant, "triton")
+    return out, lse
+
+
 def _verify_into(q, k, v, seq_lens, idx, count, block_table, out, lse, block_size, scale, variant, backend) -> None:
     """One unchecked call: resolve (Triton) and run."""
     seq_lens, idx, count, block_table = (t if t is None else t.contiguous() for t in (seq_lens, idx, count, block_table))
