@@ -4,7 +4,9 @@ Each window query attends the selected history blocks plus the causal window. Th
 the G*T query rows of one KV head into one tile, so every selected K/V row is read once for all of
 them, and splits the selected list across `num_splits` programs (flash-decoding) whose partial
 results a second small kernel merges. Template: `templates/sparse_verify.py.j2`; variants "" (token
-or block index), "dense" (every history token) and "paged" (index over a paged cache).
+or block index), "dense" (every history token) and "paged" (index over a paged cache). The Triton
+launcher is `_resolve` (spec, launch config, workspace) then `_launch`: the ops do both per call,
+`VerifyPlan` resolves once per step and launches once per layer.
 """
 from __future__ import annotations
 
