@@ -79,12 +79,12 @@ def build_policies(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=pr
             for name in args.policy}
 
 
-def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False):
+def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False, max_len=None):
     """One generation of the batch `ids` with `policy` (None: plain decoding by the target alone)."""
     device = target.device
     sampler = Sampler(args.temperature, args.top_p, torch.Generator(device).manual_seed(args.seed))
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, eos_ids=eos_ids, progress=progress,
-                  fidelity=args.fidelity, compile=args.compile)
+                  fidelity=args.fidelity, compile=args.compile, max_len=max_len)
     if policy is None:
         return generate(None, target, ids, gamma=0, **common)
     return generate(draft, target, ids, gamma=args.gamma, policy=policy, **common)
@@ -93,13 +93,15 @@ def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False
 def compare(draft, target, ids, policies: dict, args, *, eos_ids=None, decode=None) -> list[dict]:
     """The batch under each policy in turn: a row per policy (stats, share of tokens equal to the first
     policy's, the tokens and, with `decode`, the first sequence's text). Each policy first runs one
-    untimed step on the same batch, so that its kernels' compilation stays out of its tokens/s."""
+    untimed step on the same batch and caches of the same size, so that its kernels' (and with --compile,
+    its step's) compilation stays out of its tokens/s."""
     rows, reference = [], None
     warm_up = argparse.Namespace(**{**vars(args), "max_new_tokens": 1, "fidelity": False})
+    max_len = max(map(len, ids)) + args.max_new_tokens + args.gamma
     for i, (name, policy) in enumerate(policies.items()):
         print(f"[{i + 1}/{len(policies)}] {name}", file=sys.stderr, flush=True)
-        run_policy(draft, target, ids, policy, warm_up, eos_ids=eos_ids)
-        result = run_policy(draft, target, ids, policy, args, eos_ids=eos_ids)
+        run_policy(draft, target, ids, policy, warm_up, eos_ids=eos_ids, max_len=max_len)
+        result = run_policy(draft, target, ids, policy, args, eos_ids=eos_ids, max_len=max_len)
         if reference is None:
             reference = result.tokens
         same = sum(a == b for r, t in zip(reference, result.tokens) for a, b in zip(r, t))

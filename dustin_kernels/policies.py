@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-from . import attention_scores, dense_verify, select_tokens, sparse_verify
+from . import VerifyPlan, attention_scores, dense_verify, select_tokens, sparse_verify
 from .models import KVCache, ModelConfig
 
 # torch.profiler ranges of a speculative step (`tools/bench_e2e.py` reads them): the draft passes, the
@@ -120,30 +120,40 @@ def history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tensor
 
 class StepAttention:
     """The target's attention at one verification step, called by its layers in order with the ops'
-    contract `(q, k_cache, v_cache, seq_lens, **kw)`: each layer attends to the current selection
-    (`sparse_verify`; None: `dense_verify`). `refine(layer, q, k_cache, seq_lens, selection)`, when
-    given, returns the selection for this layer and the next ones. `read`: history tokens read per
-    layer, int64[B] each."""
+    contract `(q, k_cache, v_cache, seq_lens, return_lse=False)`: each layer attends to the current
+    selection (sparse verification; None: dense). `refine(layer, q, k_cache, seq_lens, selection)`,
+    when given, returns the selection for this layer and the next ones. In eager mode a `VerifyPlan`
+    made at the first layer (and again where a refinement changes the selection) serves every layer, so
+    a layer only launches; under torch.compile the layers call the ops (custom ops). `read`: history
+    tokens read per layer, int64[B] each."""
 
     def __init__(self, lens: torch.Tensor, block_size: int = 1, selection=None, refine=None):
         self.lens, self.block_size, self.selection, self.refine = lens, block_size, selection, refine
         self.read: list[torch.Tensor] = []
+        self._plan, self._planned = None, None  # the plan and the selection it was made for
 
     @property
     def dense(self) -> bool:
         """Every layer attends to the whole history."""
         return self.selection is None and self.refine is None
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, **kw):
+    def __call__(self, q, k_cache, v_cache, seq_lens, return_lse=False):
         if self.refine is not None:
             with record_function(PHASES["refine"]):
                 self.selection = self.refine(len(self.read), q, k_cache, seq_lens, self.selection)
         self.read.append(history_read(self.selection, self.lens, self.block_size))
         with record_function(PHASES["attention"]):
-            if self.selection is None:
-                return dense_verify(q, k_cache, v_cache, seq_lens, **kw)
-            idx, count = self.selection
-            return sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, block_size=self.block_size, **kw)
+            if torch.compiler.is_compiling():
+                if self.selection is None:
+                    return dense_verify(q, k_cache, v_cache, seq_lens, return_lse=return_lse)
+                return sparse_verify(q, k_cache, v_cache, seq_lens, *self.selection, block_size=self.block_size,
+                                     return_lse=return_lse)
+            if self._plan is None or self._planned is not self.selection:
+                self._plan = VerifyPlan(q, k_cache, v_cache, seq_lens, *(self.selection or ()),
+                                        block_size=self.block_size)
+                self._planned = self.selection
+            out = self._plan.run(q, k_cache, v_cache)  # the plan's buffer: the layer consumes it at once
+            return (out, self._plan.lse) if return_lse else out
 
 
 def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsize: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""attention_scores (DESIGN.md section 3, item 1): both backends against the float64 reference.
+"""attention_scores (the README's first op): both backends against the float64 reference.
 
 Every output is also checked for two invariants: each query row's probabilities sum to 1 (so a
 sequence sums to len(heads) * T) and blocks past seq_lens are exactly zero. The math is fp32 on the

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dustin_kernels import ref
-from dustin_kernels.ops.engine import attention_scores_paged, sparse_verify_varlen
+from dustin_kernels import attention_scores_paged, sparse_verify_varlen
 
 Hq, Hkv, D = 4, 2, 16
 LENGTHS = [45, 23, 60]  # tokens per request, its query rows included

@@ -82,9 +82,11 @@ def measure(spec, draft, target, policy_name: str, context: int, batch: int, arg
     policy = make_policy("dense" if plain else policy_name, testbed.profile(spec), budget=args.budget)
     gamma = 0 if plain else args.gamma
 
+    max_len = context + args.new_tokens + gamma  # one cache shape for every run: one compiled graph
+
     def run(new_tokens, compile=args.compile):
         return generate(None if plain else draft, target, ids, max_new_tokens=new_tokens, gamma=gamma,
-                        policy=policy, eos_ids=(), compile=compile)
+                        policy=policy, eos_ids=(), compile=compile, max_len=max_len)
 
     run(gamma + 1)  # warm-up: kernels (and with --compile, the step's graph) compiled, caches allocated
     result = run(args.new_tokens)

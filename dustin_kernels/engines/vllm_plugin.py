@@ -105,9 +105,8 @@ def _select(settings: Settings, q, key_cache, block_table, seq_lens, T: int, sca
     """Dustin's selection from the window queries q [B, Hq, T, D] of the target layer's retrieval heads."""
     from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
 
-    from .. import select_tokens
+    from .. import attention_scores_paged, select_tokens
     from ..distributed import local_heads
-    from ..ops.engine import attention_scores_paged
 
     heads = local_heads(settings.target_heads, get_tensor_model_parallel_rank(), q.shape[1])
     scores = attention_scores_paged(q, key_cache, block_table, seq_lens, heads=heads, scale=scale)

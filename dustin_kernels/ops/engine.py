@@ -51,10 +51,7 @@ def sparse_verify_varlen(q, k_pages, v_pages, block_table, seq_lens, query_start
     k, v = _pages(k_pages, layout, "k_pages"), _pages(v_pages, layout, "v_pages")
     _checks.check_tensor("block_table", block_table, 2, (torch.int32,), "int32[B, max_pages]")
     rows = _rows_per_request(query_start_loc, q.shape[0], block_table.shape[0])
-    if out is None:
-        out = torch.empty_like(q)
-    elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out: expected a tensor of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device} like q")
+    out = _checks.check_out(out, q.shape, q.dtype, q.device)
     starts = torch.tensor([0] + rows, device=q.device).cumsum(0)[:-1]
     for T in sorted(set(rows)):
         group = torch.tensor([b for b, r in enumerate(rows) if r == T], device=q.device)

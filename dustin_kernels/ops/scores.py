@@ -1,6 +1,6 @@
 """attention_scores: causal softmax mass that selected heads' window queries put on each key block.
 
-DESIGN.md section 3, item 1. The draft-score reduction (draft lookahead, a few draft heads, T rows)
+The README's first op. The draft-score reduction (draft lookahead, a few draft heads, T rows)
 and the target estimation (a few target heads, one row) of Dustin. Two backends:
 
 - torch: vectorised over batch and selected heads, two passes over key chunks (row log-sum-exp,

@@ -1,6 +1,6 @@
 """select_tokens: Dustin's per-sequence choice of history blocks for sparse verification.
 
-DESIGN.md section 3, item 2. Every block score becomes a unique int64 key, (order-preserving int32 of
+The README's second op. Every block score becomes a unique int64 key, (order-preserving int32 of
 the fp32 score, NaN below -inf) << 32 | (2^32 - 1 - block): a higher key is a higher score, then a lower
 block (the tie rule), so "the top q blocks" is "the blocks whose key is at least the q-th largest key".
 Two backends:

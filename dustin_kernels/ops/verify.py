@@ -1,4 +1,4 @@
-"""Sparse verification attention (DESIGN.md section 3 item 3) and its dense and paged modes.
+"""Sparse verification attention (the README's third op) and its dense and paged modes.
 
 Each window query attends the selected history blocks plus the causal window. The Triton kernel packs
 the G*T query rows of one KV head into one tile, so every selected K/V row is read once for all of
