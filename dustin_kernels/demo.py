@@ -13,12 +13,12 @@ speedups as ratios of medians with the range the spreads allow.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from . import attention_scores, dense_verify, select_tokens, sparse_verify
 from .devices import default_device, device_arg
+from .timing import QuantileTimer
 from .shapes import PRESETS, spread_heads
 
 
@@ -41,21 +41,6 @@ def make_problem(batch: int, context: int, window: int, shape, needles: int, dev
     to = dict(device=device, dtype=dtype)
     return dict(q=q_target.to(**to), q_draft=q_draft.to(**to), q_last=q_last.to(**to), k=k.to(**to),
                 v=v.to(**to), seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device))
-
-
-def _times_ms(fn, repeats: int, device: str) -> tuple[float, float, float]:
-    """(p20, median, p80) milliseconds of `repeats` calls of fn after one warm-up call."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    return tuple(q.tolist())
 
 
 def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, window: int = 5,
@@ -82,8 +67,9 @@ def run(batch: int = 2, context: int = 16384, budget: int = 512, m: int = 128, w
     dense_out = dense_verify(q, k, v, seq_lens)
     true_mass = attention_scores(q, k, seq_lens)  # [B, N]: dense attention mass per key
     def timed(verify, select=None) -> dict:
-        ms = _times_ms(verify, repeats, device)
-        select_ms = _times_ms(select, repeats, device) if select else (0.0, 0.0, 0.0)
+        timer = QuantileTimer(device, repeats)
+        ms = timer(verify)
+        select_ms = timer(select) if select else (0.0, 0.0, 0.0)
         return dict(ms_p20=ms[0], ms=ms[1], ms_p80=ms[2], select_ms_p20=select_ms[0], select_ms=select_ms[1],
                     select_ms_p80=select_ms[2])
 

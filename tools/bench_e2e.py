@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dustin_kernels import codegen, testbed  # noqa: E402
-from dustin_kernels.autotune.measure import copy_gbs, git_commit  # noqa: E402
+from dustin_kernels.timing import copy_gbs, git_commit  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import DTYPES  # noqa: E402
 from dustin_kernels.policies import PHASES, POLICIES, make_policy  # noqa: E402

@@ -29,7 +29,7 @@ selection runs once per step and its index serves every target layer (layers fro
 
 Bytes floors: FLOORS below (also written into each result file). Copy bandwidth counts the bytes
 read plus the bytes written by one large copy (1 GiB on CUDA, 256 MiB on CPU; launched plainly, see
-`dustin_kernels.autotune.measure.copy_gbs`, the tuner's figure too), like the floors, so copy_frac is
+`dustin_kernels.timing.copy_gbs`, the tuner's figure too), like the floors, so copy_frac is
 the fraction of the device's measured memory speed that an op achieves on its floor.
 """
 from __future__ import annotations
@@ -47,7 +47,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +56,11 @@ import dustin_kernels  # noqa: E402
 from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
 from dustin_kernels import codegen  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
-from dustin_kernels.autotune.measure import copy_gbs, cuda_graph, git_commit  # noqa: E402
+from dustin_kernels.timing import CPU_FLUSH_BYTES, QUANTILES, QuantileTimer, copy_gbs, git_commit  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 
-QUANTILES = (0.2, 0.5, 0.8)
-CPU_FLUSH_BYTES = 64 << 20
 SMALL_GRID = dict(batch=[1, 4], context=[4096, 16384, 32768], budget=[256])  # cpu-small: < 1 minute here
 FULL_GRID = dict(batch=[1, 4, 16], context=[4096 << i for i in range(6)], budget=[128, 512, 2048])
 DRAFT_LAYERS, RETRIEVAL_HEADS = 3, 4
@@ -83,34 +80,6 @@ FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batc
           "bytes", "p20_ms", "p50_ms", "p80_ms", "gbps", "copy_frac", "ideal_ratio", "floor_ratio",
           *(f"speedup_vs_{name}" for name in ("dense", *BASELINES)), "selection_ms", "selection_share",
           "max_abs_diff", "cuda_graph", "device", "version", "torch", "triton", "commit")
-
-
-# --- timing ---------------------------------------------------------------------------------------
-
-class Timer:
-    """p20/p50/p80 milliseconds of fn(): do_bench of a CUDA-graph replay on CUDA (so Python launch
-    overhead is out of kernel timings; plain launches where capture fails), flushed wall-clock
-    medians on CPU. `graphed` says how the last call was timed."""
-
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats, self.graphed = device, repeats, False
-        self.flush = None if device.type == "cuda" else torch.empty(CPU_FLUSH_BYTES, dtype=torch.uint8)
-
-    def __call__(self, fn) -> list[float]:
-        if self.device.type == "cuda":
-            import triton.testing
-
-            graph = cuda_graph(fn, self.device)
-            self.graphed = graph is not None
-            return list(triton.testing.do_bench(graph.replay if graph else fn, quantiles=list(QUANTILES)))
-        fn()  # warm-up (and first-call caches)
-        times = []
-        for _ in range(self.repeats):
-            self.flush.zero_()
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return [float(x) for x in np.quantile(times, QUANTILES)]
 
 
 # --- the workload ---------------------------------------------------------------------------------
@@ -251,7 +220,7 @@ class Bench:
                                               spread_heads(self.draft.q_heads, RETRIEVAL_HEADS))
         self.impl = {name: getattr(mod, f"_{self.backend}_{name}") for name, mod in (
             ("sparse_verify", verify_ops), ("attention_scores", scores_ops), ("select_tokens", select_ops))}
-        self.timer = Timer(self.device, args.repeats)
+        self.timer = QuantileTimer(self.device, args.repeats)
         self.meta = provenance(self.device, argv)
         self.meta.update(
             preset=args.preset, shape=vars(self.shape) | {"group": self.shape.group}, draft=args.draft,

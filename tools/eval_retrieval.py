@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dustin_kernels import testbed  # noqa: E402
-from dustin_kernels.autotune.measure import git_commit  # noqa: E402
+from dustin_kernels.timing import git_commit  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import ModelConfig  # noqa: E402
 from dustin_kernels.policies import POLICIES, RetrievalProfile, make_policy  # noqa: E402

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .. import aot, codegen, dispatch
+from ..timing import copy_gbs, cuda_graph, git_commit  # noqa: F401  (the tuner's and perf_check's names)
 from .search import CUT
 from .workloads import Problem, Workload, build
 
@@ -140,25 +141,6 @@ def _stats(times_ms: list) -> tuple[float, float]:
     return q2 * 1e3, (q3 - q1) * 1e3
 
 
-def cuda_graph(fn, device: torch.device):
-    """fn() captured in a CUDA graph on `device` (launch overhead out of the timing, as engines run
-    decode steps), or None where capture fails (an op that syncs or allocates on the host)."""
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn()  # warm-up on a side stream: compiles and fills caches before capture
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize(device)
-        return graph
-    except Exception:
-        torch.cuda.synchronize(device)
-        return None
-
-
 class Timer:
     """Times callables on `device`: CUDA (graph replay, do_bench, L2 flush, NVML) or CPU (interpreter)."""
 
@@ -221,19 +203,6 @@ class Timer:
             for name in names:
                 times[name] += block[name]
         return {name: Timing(*_stats(times[name]), len(times[name]), throttle) for name in names}
-
-
-def copy_gbs(device: torch.device) -> float:
-    """Read + write GB/s of one large device-to-device copy (1 GiB on CUDA, 256 MiB on CPU): the
-    bandwidth that the tuner's and the benchmark's fractions are taken of. Launched plainly, not
-    replayed from a CUDA graph: on an H200 the replayed copy ran at 2.7 TB/s against 4.2 TB/s
-    launched (a captured device-to-device copy becomes a graph memcpy node), slower than kernels
-    read memory (dense_verify: 3.1 TB/s), so fractions of it overstated every kernel."""
-    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    median_us = Timer(device).time(lambda: dst.copy_(src)).median_us
-    return 2 * nbytes / median_us / 1e3
 
 
 def runner(problem: Problem, spec, config: dict):
@@ -473,22 +442,3 @@ def environment(device: torch.device, monitor: Monitor) -> dict:
     return {**gpu, **monitor.info(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             "git_commit": git_commit(Path(package_file).resolve().parents[1])}
-
-
-def git_commit(folder: Path) -> str | None:
-    """HEAD of the checkout at `folder` ('+dirty' with local changes); `$DUSTIN_GIT_COMMIT` where the
-    copy carries no history (a device machine's working tree); None outside git."""
-    import subprocess
-
-    if os.environ.get("DUSTIN_GIT_COMMIT"):
-        return os.environ["DUSTIN_GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=folder, capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty else "")
