@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-from .shapes import PRESETS, AttentionShape
+from .shapes import AttentionShape
 
 SPECIALS = ("<unk>", "<s>", "</s>")
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # filler words are two of them
 BOS, EOS = 1, 2
 PREVIOUS_SHARPNESS = 60.0  # logit of the previous-token head at distance 1
 SINK_LOGIT, LOCAL_LOGIT = 12.0, 16.0  # logits of the sink heads on <s>, of the local heads at distance 0
@@ -72,6 +73,9 @@ class TestbedSpec:
     def __post_init__(self):
         if self.family not in ("qwen2", "llama"):
             raise ValueError(f"family: expected 'qwen2' or 'llama', got {self.family!r}")
+        if not 1 <= self.filler <= len(SYLLABLES) or self.keys < 1 or self.values < 1:
+            raise ValueError(f"filler, keys, values: expected 1 to {len(SYLLABLES)} filler words and at least one key "
+                             f"and one value, got {self.filler}, {self.keys}, {self.values}")
         if self.shape.layers < 2 or self.shape.head_dim % 16:
             raise ValueError(f"shape: expected >= 2 layers and a head dim divisible by 16, got {self.shape}")
         if self.tok_dims + 2 * len(self.pairs["slow"]) + 1 > self.hidden:
@@ -84,8 +88,7 @@ class TestbedSpec:
 
     @property
     def words(self) -> list[str]:
-        syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-        filler = [syllables[i % 70] + syllables[(7 * i + 3) % 70] for i in range(self.filler)]
+        filler = [SYLLABLES[i] + SYLLABLES[(7 * i + 3) % len(SYLLABLES)] for i in range(self.filler)]
         return [*SPECIALS, *filler, *(f"key{i}" for i in range(self.keys)), *(f"{100 + i}" for i in range(self.values))]
 
     @property

@@ -50,6 +50,8 @@ def test_prompt_plants_distinct_needles_and_asks_for_one():
         testbed.TestbedSpec(shape=testbed.AttentionShape(1, 1, 64, 2))
     with pytest.raises(ValueError, match="family"):
         testbed.TestbedSpec(family="gpt2")
+    with pytest.raises(ValueError, match="filler, keys, values"):
+        testbed.TestbedSpec(filler=71)
 
 
 def test_heads_do_what_they_are_built_for(pair):
