@@ -65,3 +65,20 @@ def test_budget_64_recalls_the_planted_values_and_a_decoy_profile_does_not(pair)
     assert [testbed.recall(t, v) for t, v in zip(tokens, values)] == [1.0, 1.0]
     decoy, _ = run(pair, "--policy", "dustin", "--profile", str(pair[3] / "decoy.json"), "--budget", "64")
     assert max(testbed.recall(t, v) for t, v in zip(decoy, values)) < 0.5
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"DUSTIN_VLLM_POLICY": "sparse"}, "DUSTIN_VLLM_POLICY: expected dense or dustin"),
+    ({"DUSTIN_VLLM_BUDGET": "big"}, "DUSTIN_VLLM_BUDGET: expected a non-negative int"),
+    ({"DUSTIN_VLLM_POLICY": "dustin"}, "DUSTIN_VLLM_PROFILE: the dustin policy needs"),
+    ({"DUSTIN_VLLM_POLICY": "dustin", "DUSTIN_VLLM_PROFILE": "/no/such.json"}, "not a readable calibration profile"),
+])
+def test_bad_settings_name_the_variable(monkeypatch, env, message):
+    from dustin_kernels.engines.vllm_plugin import Settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    Settings.from_env.cache_clear()
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env()
+    Settings.from_env.cache_clear()

@@ -57,16 +57,24 @@ class Settings:
         policy = os.environ.get("DUSTIN_VLLM_POLICY", "dense")
         if policy not in ("dense", "dustin"):
             raise ValueError(f"DUSTIN_VLLM_POLICY: expected dense or dustin, got {policy!r}")
-        numbers = {name: int(os.environ.get(f"DUSTIN_VLLM_{name.upper()}", default))
-                   for name, default in (("budget", 512), ("sink", 4), ("recent", 16))}
+        numbers = {}
+        for name, default in (("budget", 512), ("sink", 4), ("recent", 16)):
+            value = os.environ.get(f"DUSTIN_VLLM_{name.upper()}", str(default))
+            if not value.isdigit():
+                raise ValueError(f"DUSTIN_VLLM_{name.upper()}: expected a non-negative int, got {value!r}")
+            numbers[name] = int(value)
         if policy == "dense":
             return cls(**numbers)
         path = os.environ.get("DUSTIN_VLLM_PROFILE")
         if not path:
             raise ValueError("DUSTIN_VLLM_PROFILE: the dustin policy needs a calibration profile JSON")
-        with open(path) as f:
-            profile = json.load(f)
-        return cls(policy, int(profile["target_layer"]), tuple(map(int, profile["target_heads"])), **numbers)
+        try:
+            with open(path) as f:
+                profile = json.load(f)
+            return cls(policy, int(profile["target_layer"]), tuple(map(int, profile["target_heads"])), **numbers)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"DUSTIN_VLLM_PROFILE {path}: not a readable calibration profile with target_layer "
+                             f"and target_heads ({type(err).__name__}: {err})") from None
 
 
 @dataclasses.dataclass
