@@ -223,11 +223,8 @@ def demo(args) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: more CPU threads only add synchronisation
-    default = testbed.TestbedSpec()
-    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else default.shape,
-                                layers=args.layers or default.shape.layers)
-    positions = max(default.max_positions, 1 << (args.context + args.max_new_tokens + args.gamma).bit_length())
-    spec = dataclasses.replace(default, shape=shape, max_positions=positions, seed=args.seed)
+    spec = testbed.sized(args.shape, args.layers, args.context + args.max_new_tokens + args.gamma, args.seed)
+    shape = spec.shape
     draft, target = testbed.models(spec, device=device, dtype=dtype)
     prompts = [testbed.prompt(spec, n, seed=args.seed + b) for b, n in enumerate(demo_lengths(args.context, args.batch))]
     ids, expected = [p for p, _ in prompts], [v for _, v in prompts]

@@ -285,8 +285,8 @@ class Streaming(Policy):
 
     def select(self, ctx: VerifyContext):
         return select_tokens(None, no_scores(ctx, self.block_size), ctx.lens + ctx.window, budget=self.budget, m=0,
-                             sink=self.sink,
-                             recent=self.budget - self.sink, window=ctx.window, block_size=self.block_size)
+                             sink=self.sink, recent=self.budget - self.sink, window=ctx.window,
+                             block_size=self.block_size)
 
 
 @dataclasses.dataclass(frozen=True)

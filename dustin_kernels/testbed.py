@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .shapes import AttentionShape
+from .shapes import PRESETS, AttentionShape
 
 SPECIALS = ("<unk>", "<s>", "</s>")
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # filler words are two of them
@@ -143,6 +143,16 @@ class TestbedSpec:
                 "head_dim": s.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_positions,
                 "rms_norm_eps": 1e-6, "rope_theta": self.rope_theta, "tie_word_embeddings": True,
                 "bos_token_id": BOS, "eos_token_id": EOS, "torch_dtype": "float32"}
+
+
+def sized(preset: str | None = None, layers: int | None = None, positions: int = 0, seed: int = 0) -> TestbedSpec:
+    """The default spec at a preset attention shape (`shapes.PRESETS`; None: the default shape) with
+    `layers` target layers (None: the default), cache positions for at least `positions` tokens (a power
+    of two, at least the default's), and `seed`."""
+    default = TestbedSpec()
+    shape = dataclasses.replace(PRESETS[preset] if preset else default.shape, layers=layers or default.shape.layers)
+    positions = max(default.max_positions, 1 << positions.bit_length())
+    return dataclasses.replace(default, shape=shape, max_positions=positions, seed=seed)
 
 
 def previous_token_weights(spec: TestbedSpec) -> torch.Tensor:

@@ -202,10 +202,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.device.type == "cpu":
         torch.set_num_threads(1)
-    default = testbed.TestbedSpec()
-    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else default.shape, layers=args.layers)
-    positions = max(default.max_positions, 1 << (max(args.contexts) + args.new_tokens + args.gamma).bit_length())
-    spec = dataclasses.replace(default, shape=shape, max_positions=positions, seed=args.seed)
+    spec = testbed.sized(args.shape, args.layers, max(args.contexts) + args.new_tokens + args.gamma, args.seed)
     bandwidth = copy_gbs(args.device)
     draft, target = testbed.models(spec, device=args.device, dtype=DTYPES[args.dtype])
     rows = []

@@ -109,11 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_spec(args) -> testbed.TestbedSpec:
     """The testbed pair for this sweep: its cache covers the longest prompt + the new tokens + gamma."""
-    default = testbed.TestbedSpec()
-    shape = dataclasses.replace(PRESETS[args.shape] if args.shape else default.shape,
-                                layers=args.layers or default.shape.layers)
-    positions = max(default.max_positions, 1 << (max(args.contexts) + NEW_TOKENS + args.gamma).bit_length())
-    return dataclasses.replace(default, shape=shape, max_positions=positions, seed=args.seed)
+    return testbed.sized(args.shape, args.layers, max(args.contexts) + NEW_TOKENS + args.gamma, args.seed)
 
 
 def retrieval_profile(args) -> RetrievalProfile:

@@ -52,7 +52,7 @@ def sparse_verify_varlen(q, k_pages, v_pages, block_table, seq_lens, query_start
     _checks.check_tensor("block_table", block_table, 2, (torch.int32,), "int32[B, max_pages]")
     rows = _rows_per_request(query_start_loc, q.shape[0], block_table.shape[0])
     out = _checks.check_out(out, q.shape, q.dtype, q.device)
-    starts = torch.tensor([0] + rows, device=q.device).cumsum(0)[:-1]
+    starts = query_start_loc[:-1].to(q.device, torch.long)
     for T in sorted(set(rows)):
         group = torch.tensor([b for b, r in enumerate(rows) if r == T], device=q.device)
         token = (starts[group, None] + torch.arange(T, device=q.device)).flatten()  # [len(group) * T]
