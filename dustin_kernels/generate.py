@@ -35,7 +35,7 @@ import torch
 from . import testbed
 from .devices import default_device, device_arg
 from .models import DTYPES, ModelConfig, load_model, load_tokenizer
-from .policies import POLICIES, RetrievalProfile, make_policy
+from .policies import POLICIES, TARGET_SIGNAL, RetrievalProfile, make_policy
 from .shapes import PRESETS
 from .speculative import Sampler, generate
 
@@ -74,9 +74,9 @@ def build_policies(args, draft_cfg: ModelConfig, target_cfg: ModelConfig, say=pr
                 f"and of target layer {profile.target_layer}); run `python -m dustin_kernels.calibrate` for "
                 "calibrated ones")
     budget = (64 if args.demo else 512) if args.budget is None else args.budget
-    return {name: None if name == "plain" else make_policy(name, profile, budget=budget, m=args.m, sink=args.sink,
-                                                           recent=args.recent)
-            for name in args.policy}
+    return {name: None if name == "plain" else make_policy(
+        name, profile, budget=budget, m=args.m, sink=args.sink, recent=args.recent,
+        estimate_every=args.estimate_every if name in TARGET_SIGNAL else 1) for name in args.policy}
 
 
 def run_policy(draft, target, ids, policy, args, *, eos_ids=None, progress=False, max_len=None):
@@ -288,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default 512; 64 with --demo)")
     p.add_argument("--m", type=int, default=None, help="tokens chosen by the draft lookahead (default: the "
                    "profile's, else budget // 4)")
+    p.add_argument("--estimate-every", type=int, default=1, metavar="K", help="estimate the target signal every K "
+                   f"steps, reusing the last estimate in between ({', '.join(TARGET_SIGNAL)}; default 1)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=16)
     p.add_argument("--profile", help="retrieval-head profile JSON from `python -m dustin_kernels.calibrate`")
@@ -314,6 +316,8 @@ def main(argv=None) -> int:
         p.error("--target and --draft are required (or --demo)")
     if args.max_len is not None and args.max_len < 1:
         p.error(f"--max-len: expected a positive number of cache positions, got {args.max_len}")
+    if args.estimate_every < 1:
+        p.error(f"--estimate-every: expected steps >= 1, got {args.estimate_every}")
     if args.compile and (args.fidelity or args.temperature > 0):
         p.error("--compile: the compiled step is greedy (--temperature 0) and without --fidelity")
     if args.demo and (args.layers is not None and args.layers < 2 or args.context < 100 or args.batch < 1):

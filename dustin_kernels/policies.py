@@ -40,6 +40,7 @@ from .models import KVCache, ModelConfig
 # first selection, the target's pass, and within it the refinement and every layer's attention.
 PHASES = {name: f"dustin.{name}" for name in ("draft", "select", "target", "refine", "attention")}
 POLICIES = ("dense", "dustin", "dustin-paper", "draft-only", "target-only", "streaming", "quest")
+TARGET_SIGNAL = ("dustin", "dustin-paper", "target-only")  # policies with a target signal to estimate
 PROFILE_FORMAT = "dustin-profile/1"
 
 
@@ -50,7 +51,9 @@ class VerifyContext:
     lens: int32[B] history tokens (cache entries before the window); draft_queries: {draft layer:
     [B, Hq, T, D]} the draft's queries of the T window tokens (positions lens .. lens + gamma);
     draft_cache: holds the window already; target_queries: {target layer: [B, Hq, 1, D]} query of the
-    last committed token (position lens - 1); target_cache: history only.
+    last committed token (position lens - 1); target_cache: history only. estimate: whether this step
+    estimates the target signal afresh; target_scores: float32[B, blocks] the last estimate (None before
+    the first), which a policy that re-estimates every k steps reuses in between.
     """
     lens: torch.Tensor
     window: int
@@ -58,6 +61,13 @@ class VerifyContext:
     draft_cache: KVCache
     target_queries: dict[int, torch.Tensor]
     target_cache: KVCache
+    estimate: bool = True
+    target_scores: torch.Tensor | None = None
+
+    @property
+    def reuse(self) -> bool:
+        """This step reuses the last estimate of the target signal."""
+        return not self.estimate and self.target_scores is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +135,12 @@ class StepAttention:
     when given, returns the selection for this layer and the next ones. In eager mode a `VerifyPlan`
     made at the first layer (and again where a refinement changes the selection) serves every layer, so
     a layer only launches; under torch.compile the layers call the ops (custom ops). `read`: history
-    tokens read per layer, int64[B] each."""
+    tokens read per layer, int64[B] each. `target_scores`: the target signal this step's selection used,
+    float32[B, blocks] (None without one), kept by the driver for the steps that reuse it."""
 
-    def __init__(self, lens: torch.Tensor, block_size: int = 1, selection=None, refine=None):
+    def __init__(self, lens: torch.Tensor, block_size: int = 1, selection=None, refine=None, target_scores=None):
         self.lens, self.block_size, self.selection, self.refine = lens, block_size, selection, refine
+        self.target_scores = target_scores
         self.read: list[torch.Tensor] = []
         self._plan, self._planned = None, None  # the plan and the selection it was made for
 
@@ -166,6 +178,7 @@ def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsiz
 
 class Policy:
     """What every policy does with its one selection per step (`select`); no scores by default."""
+    estimate_every = 1
 
     def select(self, ctx: VerifyContext):
         return None
@@ -173,8 +186,13 @@ class Policy:
     def attention(self, ctx: VerifyContext) -> StepAttention:
         return StepAttention(ctx.lens, self.block_size, self.select(ctx))
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
-        """K bytes the policy's scores read at a step (active sequences), an int64 scalar on lens' device."""
+    def estimates(self, step: int) -> bool:
+        """Whether step `step` (0, 1, ...) of a generation estimates the target signal afresh."""
+        return step % self.estimate_every == 0
+
+    def score_bytes(self, draft, target, lens, window: int, active, estimate: bool = True) -> torch.Tensor:
+        """K bytes the policy's scores read at a step (active sequences), an int64 scalar on lens' device;
+        estimate: whether the step estimates the target signal afresh."""
         return torch.zeros((), dtype=torch.long, device=lens.device)
 
 
@@ -203,7 +221,10 @@ def _check_budget(budget, sink, recent) -> None:
 class Dustin(Policy):
     """Dustin's selection. refine=False: the paper's rule (also `draft-only` / `target-only` when one of
     the head dicts is empty). refine=True: the target signal comes from the window queries of its
-    retrieval layer (one entry in target_heads), inside the verification pass."""
+    retrieval layer (one entry in target_heads), inside the verification pass. estimate_every k: the
+    target signal (the full-history read of its retrieval layer) is estimated at every k-th step; the
+    steps between select once, before the target's pass, from the fresh draft signal and the last
+    estimate (history written since then scores 0 there: `recent` keeps its last blocks)."""
     draft_heads: dict[int, tuple[int, ...]]
     target_heads: dict[int, tuple[int, ...]]
     budget: int = 512
@@ -213,9 +234,13 @@ class Dustin(Policy):
     block_size: int = 1
     name: str = "dustin"
     refine: bool = False
+    estimate_every: int = 1
 
     def __post_init__(self):
         _check_budget(self.budget, self.sink, self.recent)
+        if not isinstance(self.estimate_every, int) or isinstance(self.estimate_every, bool) or self.estimate_every < 1:
+            raise ValueError(f"estimate_every: expected an int >= 1 (steps per target estimation), got "
+                             f"{self.estimate_every!r}")
         if not isinstance(self.m, int) or not 0 <= self.m <= self.budget:
             raise ValueError(f"m: expected an int in [0, budget={self.budget}], got {self.m!r}")
         if not self.draft_heads and not self.target_heads:
@@ -236,38 +261,49 @@ class Dustin(Policy):
             s_draft = s if s_draft is None else s_draft + s
         return s_draft
 
-    def select(self, ctx: VerifyContext):
-        """The first selection (the only one without refine)."""
+    def target_scores(self, ctx: VerifyContext):
+        """S_target float32[B, blocks] of the paper's rule (None without target heads): the last committed
+        query over the full history, or the last estimate on a step that reuses it."""
+        if ctx.reuse:
+            return ctx.target_scores
         s_target = None
-        if not self.refine:
-            for layer, heads in self.target_heads.items():
-                # the committed query sits at lens - 1; a sequence without history has nothing to select
-                s = attention_scores(ctx.target_queries[layer], ctx.target_cache.k[layer], ctx.lens.clamp(min=1),
-                                     heads=heads, block_size=self.block_size)
-                s_target = s if s_target is None else s_target + s
-        return self._select(self.draft_scores(ctx), s_target, ctx.lens + ctx.window, ctx.window)
+        for layer, heads in self.target_heads.items():
+            # the committed query sits at lens - 1; a sequence without history has nothing to select
+            s = attention_scores(ctx.target_queries[layer], ctx.target_cache.k[layer], ctx.lens.clamp(min=1),
+                                 heads=heads, block_size=self.block_size)
+            s_target = s if s_target is None else s_target + s
+        return s_target
+
+    def select(self, ctx: VerifyContext):
+        """The first selection (the only one without refine, or on a step that reuses the last estimate)."""
+        return self.attention(ctx).selection
 
     def attention(self, ctx: VerifyContext) -> StepAttention:
-        if not self.refine:
-            return StepAttention(ctx.lens, self.block_size, self.select(ctx))
+        if not self.refine or ctx.reuse:
+            s_target = self.target_scores(ctx)
+            selection = self._select(self.draft_scores(ctx), s_target, ctx.lens + ctx.window, ctx.window)
+            return StepAttention(ctx.lens, self.block_size, selection, target_scores=s_target)
         s_draft = self.draft_scores(ctx)
         ((at, heads),) = self.target_heads.items()
 
         def refine(layer, q, k_cache, seq_lens, selection):
             if layer != at:
                 return selection
-            s_window = attention_scores(q, k_cache, seq_lens, heads=heads, block_size=self.block_size)
-            return self._select(s_draft, s_window, seq_lens, ctx.window)
+            step.target_scores = attention_scores(q, k_cache, seq_lens, heads=heads, block_size=self.block_size)
+            return self._select(s_draft, step.target_scores, seq_lens, ctx.window)
 
         first = self._select(s_draft, None if s_draft is not None else no_scores(ctx, self.block_size),
                              ctx.lens + ctx.window, ctx.window)  # sink + recent + the draft's choice
-        return StepAttention(ctx.lens, self.block_size, first, refine)
+        step = StepAttention(ctx.lens, self.block_size, first, refine)
+        return step
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
-        """The draft's retrieval layers over history + window, the target's over the history."""
+    def score_bytes(self, draft, target, lens, window: int, active, estimate: bool = True) -> torch.Tensor:
+        """The draft's retrieval layers over history + window, the target's over the history (when the step
+        estimates it)."""
         lens = lens.long() * active
-        return (key_bytes(draft.config, self.draft_heads, lens + window * active, draft.dtype.itemsize)
-                + key_bytes(target.config, self.target_heads, lens, target.dtype.itemsize))
+        draft_bytes = key_bytes(draft.config, self.draft_heads, lens + window * active, draft.dtype.itemsize)
+        return draft_bytes + key_bytes(target.config, self.target_heads if estimate else {}, lens,
+                                       target.dtype.itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +349,7 @@ class Quest(Policy):
 
         return StepAttention(ctx.lens, self.block_size, None, select)
 
-    def score_bytes(self, draft, target, lens, window: int, active) -> torch.Tensor:
+    def score_bytes(self, draft, target, lens, window: int, active, estimate: bool = True) -> torch.Tensor:
         pages = -(-lens.long() * active // self.block_size)
         c = target.config
         return 2 * c.num_layers * key_bytes(c, {0: range(c.num_heads)}, pages, target.dtype.itemsize)
@@ -336,12 +372,16 @@ def page_bounds(q, k_cache, lens, page: int) -> torch.Tensor:
 
 
 def make_policy(name: str, profile: RetrievalProfile | None = None, *, budget: int = 512, m: int | None = None,
-                sink: int = 4, recent: int = 16, block_size: int = 1):
+                sink: int = 4, recent: int = 16, block_size: int = 1, estimate_every: int = 1):
     """The policy `name` (one of POLICIES); budget, m, sink, recent count blocks of block_size tokens
     (quest: pages of 16 tokens, budget // 16 of them). m defaults to the profile's, else budget // 4.
-    `profile` is needed by the dustin variants, draft-only and target-only."""
+    `profile` is needed by the dustin variants, draft-only and target-only; estimate_every (steps per
+    estimation of the target signal) applies to dustin, dustin-paper and target-only."""
     if name not in POLICIES:
         raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {name!r}")
+    if estimate_every != 1 and name not in TARGET_SIGNAL:
+        raise ValueError(f"estimate_every: policy {name!r} has no target signal to re-estimate (only "
+                         f"{', '.join(TARGET_SIGNAL)}), got {estimate_every!r}")
     if name == "dense":
         return Dense()
     if name == "streaming":
@@ -354,4 +394,5 @@ def make_policy(name: str, profile: RetrievalProfile | None = None, *, budget: i
     m = m if m is not None else profile.m if profile.m is not None else budget // 4
     draft = profile.draft_heads if name != "target-only" else {}
     target = {profile.target_layer: profile.target_heads} if name != "draft-only" else {}
-    return Dustin(draft, target, budget, m, sink, recent, block_size, name, refine=name == "dustin")
+    return Dustin(draft, target, budget, m, sink, recent, block_size, name, refine=name == "dustin",
+                  estimate_every=estimate_every)

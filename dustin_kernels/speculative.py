@@ -97,11 +97,15 @@ def accept_sampling(drafts, draft_probs, target_probs, sampler: Sampler) -> tupl
 class State:
     """Per sequence: lens int32[B] committed tokens in both caches; pending int64[B] the last committed
     token (not in the caches); target_queries {layer: [B, Hq, 1, D]} the query of the token at lens - 1
-    (for the policy's S_target); active bool[B]."""
+    (for the policy's S_target); active bool[B]; estimate: whether the next step estimates the target
+    signal afresh (`Policy.estimates`); target_scores: float32[B, blocks] the policy's last estimate (or None).
+    """
     lens: torch.Tensor
     pending: torch.Tensor
     target_queries: dict[int, torch.Tensor]
     active: torch.Tensor
+    estimate: bool = True
+    target_scores: torch.Tensor | None = None
 
 
 class Step(NamedTuple):
@@ -166,7 +170,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     drafts = torch.cat(drafts, 1) if drafts else state.pending.new_zeros(len(lens), 0)
 
     ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()}, draft_cache,
-                        state.target_queries, target_cache)
+                        state.target_queries, target_cache, state.estimate, state.target_scores)
     with record_function(PHASES["select"]):
         attention = policy.attention(ctx)
     window = torch.cat([state.pending[:, None], drafts], 1)
@@ -197,7 +201,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         pending=torch.where(active, nxt, state.pending),
         target_queries={layer: torch.where(active[:, None, None, None], q[rows, :, n][:, :, None],
                                            state.target_queries[layer]) for layer, q in queries.items()},
-        active=active)
+        active=active, target_scores=attention.target_scores if policy.estimate_every > 1 else None)
     read = sum(((history + T) * active).sum() for history in attention.read)
     dense = ((lens.long() + T) * active).sum() * len(attention.read)
     return Step(tokens, counts, new_state, read, dense)
@@ -308,7 +312,8 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     read = dense = scores = torch.zeros((), dtype=torch.long, device=target.device)  # on the device: no syncs
     with tqdm(total=sum(max_new), disable=not progress, unit="tok", leave=False) as bar:
         while not all(done):
-            scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active)
+            state.estimate = policy.estimates(stats.steps)
+            scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active, state.estimate)
             step = step_fn(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
             tokens, counts = step.tokens.tolist(), step.counts.tolist()  # the step's one host sync
             before = sum(map(len, out))

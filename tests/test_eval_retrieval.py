@@ -15,7 +15,7 @@ import eval_retrieval as tool  # noqa: E402
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("retrieval")
     assert tool.main(["--out", str(out), "--contexts", "600", "--budgets", "32", "64", "--policies", "dense",
-                      "dustin", "streaming", "--prompts", "2", "--device", "cpu"]) == 0
+                      "dustin", "streaming", "--estimate-every", "1", "2", "--prompts", "2", "--device", "cpu"]) == 0
     return out
 
 
@@ -27,8 +27,9 @@ def test_files_agree(results):
     for key in ("device", "torch", "commit", "date", "command", "testbed", "run_s"):
         assert meta[key] not in (None, ""), key
     assert meta["testbed"]["max_positions"] >= 600 + 8 + 4
-    assert [(r["context"], r["budget"], r["policy"]) for r in rows] == [
-        (600, None, "dense"), (600, 32, "dustin"), (600, 32, "streaming"), (600, 64, "dustin"), (600, 64, "streaming")]
+    assert [(r["context"], r["budget"], r["policy"], r["estimate_every"]) for r in rows] == [
+        (600, None, "dense", 1), (600, 32, "dustin", 1), (600, 32, "dustin", 2), (600, 32, "streaming", 1),
+        (600, 64, "dustin", 1), (600, 64, "dustin", 2), (600, 64, "streaming", 1)]
     assert list(table[0]) == list(tool.FIELDS) and len(table) == len(rows)
     for row, line in zip(rows, table):
         assert list(row) == list(tool.FIELDS)
@@ -67,10 +68,13 @@ def test_dense_and_dustin_retrieve_streaming_does_not(results):
      "--budgets: 8 does not suit policy dustin-paper"),
     (["--contexts", "40", "600"], "--contexts: 40"),
     (["--prompts", "0"], "--prompts"),
+    (["--estimate-every", "0"], "--estimate-every"),
+    (["--contexts", "600", "--values", "17"], "--contexts: 600 tokens (--values 17)"),
     (["--layers", "1"], "--layers"),
     (["--device", "tpu0"], "--device"),
     (["--profile", "/no/such/profile.json"], "--profile"),
 ], ids=["no-out", "unknown-policy", "small-budget", "small-budget-paper", "short-context", "no-prompts",
+        "no-estimates", "too-many-values",
         "one-layer", "bad-device", "missing-profile"])
 def test_bad_arguments_exit_2(tmp_path, capsys, argv, named):
     out = [] if named == "--out" else ["--out", str(tmp_path / "out")]

@@ -248,6 +248,7 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
     (["--gamma", "0"], "--gamma must be >= 1"),
     (["--demo", "--layers", "1"], "--layers must be >= 2"),
     (["--max-len", "0"], "--max-len: expected a positive number"),
+    (["--estimate-every", "0"], "--estimate-every: expected steps >= 1, got 0"),
     (["--compile", "--temperature", "0.5"], "--compile: the compiled step is greedy"),
     ([], "--target and --draft are required"),
 ])

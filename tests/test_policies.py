@@ -3,9 +3,9 @@ against literal recomputations."""
 import pytest
 import torch
 
-from dustin_kernels import ref
-from dustin_kernels.policies import Quest, RetrievalProfile, VerifyContext, make_policy, page_bounds
-from dustin_kernels.speculative import start
+from dustin_kernels import ref, testbed
+from dustin_kernels.policies import Dustin, Quest, RetrievalProfile, VerifyContext, make_policy, page_bounds
+from dustin_kernels.speculative import speculative_step, start
 from test_speculative import layer_skip_draft, tiny
 
 
@@ -74,3 +74,52 @@ def test_quest_selects_pages_in_every_layer():
     assert policy.score_bytes(draft, target, state.lens, 3, torch.ones(2, dtype=torch.bool)) > 0
     with pytest.raises(ValueError, match="budget"):
         Quest(0)
+
+
+@pytest.mark.parametrize("name", ["dustin", "dustin-paper"])
+def test_reestimation_reuses_the_last_estimate_between_estimating_steps(name):
+    spec = testbed.TestbedSpec()
+    draft, target = testbed.models(spec)
+    profile = testbed.profile(spec)
+    policy = make_policy(name, profile, budget=48, estimate_every=3)
+    assert [policy.estimates(step) for step in range(7)] == [True, False, False, True, False, False, True]
+    prompts = [testbed.prompt(spec, n, seed=s)[0] for s, n in ((0, 400), (1, 333))]
+    dc, tc, state = start(draft, target, prompts, 512, policy)
+    step = speculative_step(draft, target, dc, tc, state, policy, gamma=3)  # estimates
+    estimate = step.state.target_scores
+    assert estimate is not None and estimate.shape == (2, 512)
+    state = step.state
+    state.estimate = False
+    calls = []
+    original = policy._select
+
+    def spy(s_draft, s_target, seq_lens, window):
+        selection = original(s_draft, s_target, seq_lens, window)
+        calls.append((s_draft, s_target, seq_lens.clone(), selection))
+        return selection
+
+    object.__setattr__(policy, "_select", spy)  # a frozen dataclass: the spy lives on the instance
+    lens = state.lens.clone()
+    step = speculative_step(draft, target, dc, tc, state, policy, gamma=3)
+    assert step.state.target_scores is estimate  # kept for the next reusing step, not re-estimated
+    assert len(calls) == 1  # one selection for every layer (no refinement), from the last estimate
+    (s_draft, s_target, seq_lens, selection), = calls
+    assert s_target is estimate and s_draft is not None and seq_lens.tolist() == (lens + 4).tolist()
+    want = ref.select_tokens(s_draft, estimate, lens + 4, 48, policy.m, 4, 16, window=4)
+    assert selection[0].tolist() == want[0].tolist() and selection[1].tolist() == want[1].tolist()
+    active = torch.ones(2, dtype=torch.bool)
+    draft_only = make_policy("draft-only", profile, budget=48)
+    assert policy.score_bytes(draft, target, lens, 4, active, estimate=False) == \
+        draft_only.score_bytes(draft, target, lens, 4, active) < policy.score_bytes(draft, target, lens, 4, active)
+
+
+def test_reestimation_arguments():
+    profile = RetrievalProfile({1: (0,)}, 2, (1,))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="estimate_every"):
+            make_policy("dustin", profile, budget=64, estimate_every=bad)
+    for name in ("dense", "streaming", "quest", "draft-only"):
+        with pytest.raises(ValueError, match=f"estimate_every: policy '{name}' has no target signal"):
+            make_policy(name, profile, budget=64, estimate_every=2)
+    assert isinstance(make_policy("target-only", profile, budget=64, estimate_every=4), Dustin)
+

@@ -3,15 +3,19 @@
 The project's stand-in for the paper's LongBench table. Each prompt of the testbed
 (`dustin_kernels/testbed.py`, a hand-built model pair whose attention really retrieves) holds filler
 words, 4 planted needles (a key and 8 value words) and, last, one needle's key; the target answers
-with that needle's 8 values, which it can only copy by attending to them. For each (context, budget,
-policy) one batch of --prompts prompts of `context` tokens runs through speculative decoding (greedy,
-8 new tokens, gamma --gamma) with the fidelity probe on; each row holds the recall of the asked values
+with that needle's --values values (8), which it can only copy by attending to them. For each (context,
+budget, policy) one batch of --prompts prompts of `context` tokens runs through speculative decoding
+(greedy, one new token per value, gamma --gamma) with the fidelity probe on; each row holds the recall of the asked values
 (share generated in place, mean over the prompts), the acceptance length, the dense attention mass
 kept on the keys read, greedy agreement with dense verification and the KV bytes read against dense
 verification. Dense verification does not depend on the budget: one row per context (budget empty).
+With --estimate-every K .., the policies with a target signal (dustin, dustin-paper, target-only) run
+once per K, re-estimating it every K steps (policy label `name/kK` for K > 1); more --values make
+longer answers, so that the steps between estimations are many.
 
     python tools/eval_retrieval.py --out DIR                       # CPU: 2K / 4K / 8K, budgets 32 .. 512
     python tools/eval_retrieval.py --out DIR --contexts 32768 65536 --shape qwen2.5-7b --layers 4 --device cuda
+    python tools/eval_retrieval.py --out DIR --policies dustin dustin-paper --estimate-every 1 2 4 8 --values 16
 
 Writes DIR/retrieval.json (provenance and rows), DIR/retrieval.csv, DIR/retrieval.png (recall vs budget,
 one panel per context) and DIR/mass_kept.png (attention mass kept vs budget), and prints the table.
@@ -37,15 +41,15 @@ from dustin_kernels import testbed  # noqa: E402
 from dustin_kernels.timing import git_commit  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import ModelConfig  # noqa: E402
-from dustin_kernels.policies import POLICIES, RetrievalProfile, make_policy  # noqa: E402
+from dustin_kernels.policies import POLICIES, TARGET_SIGNAL, RetrievalProfile, make_policy  # noqa: E402
 from dustin_kernels.shapes import PRESETS  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 from dustin_kernels.speculative import generate  # noqa: E402
 
-NEW_TOKENS = 8  # the asked values of a testbed prompt
-FIELDS = ("context", "budget", "policy", "recall", "mean_accept", "mass_kept", "greedy_agreement", "kv_fraction",
+FIELDS = ("context", "budget", "policy", "estimate_every", "recall", "mean_accept", "mass_kept", "greedy_agreement", "kv_fraction",
           "prompts", "seconds")
-FIDELITY = ("mass_kept", "greedy_agreement")  # from stats.fidelity; None for dense (nothing to compare)
+FIDELITY = ("mass_kept", "greedy_agreement")
+TARGET_SIGNAL = ("dustin", "dustin-paper", "target-only")  # the policies with a target signal to re-estimate  # from stats.fidelity; None for dense (nothing to compare)
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -61,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"any of {', '.join(POLICIES)} (default: all)")
     p.add_argument("--prompts", type=int, default=4, help="needle prompts per batch (default 4)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--values", type=int, default=8, help="values per needle, the tokens of an answer (default 8, "
+                   "at most 16: the testbed has 64 value words for 4 needles)")
+    p.add_argument("--estimate-every", type=int, nargs="+", default=[1], metavar="K",
+                   help="re-estimate the target signal every K steps (dustin, dustin-paper, target-only; default 1)")
     p.add_argument("--shape", choices=sorted(PRESETS), help="the target's attention shape (default: testbed's, "
                    "4 q / 2 KV heads of 64)")
     p.add_argument("--layers", type=int, help="target layers (default 4; the draft has 2)")
@@ -77,9 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.contexts, args.budgets = sorted(set(args.contexts)), sorted(set(args.budgets))
     args.policies = list(dict.fromkeys(args.policies))
-    for name in ("prompts", "gamma"):
+    args.estimate_every = sorted(set(args.estimate_every))
+    for name in ("prompts", "gamma", "values"):
         if getattr(args, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if min(args.estimate_every) < 1:
+        p.error(f"--estimate-every: expected steps >= 1, got {min(args.estimate_every)}")
     if args.layers is not None and args.layers < 2:
         p.error(f"--layers: expected >= 2, got {args.layers}")
     if min(args.budgets) < 1:
@@ -87,9 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
     args.spec = make_spec(args)
     try:
-        testbed.prompt(args.spec, args.contexts[0])
+        testbed.prompt(args.spec, args.contexts[0], values=args.values)
     except ValueError as err:
-        p.error(f"--contexts: {args.contexts[0]} is too short for the needles ({err})")
+        p.error(f"--contexts: {args.contexts[0]} tokens (--values {args.values}) cannot hold the needles ({err})")
     try:
         args.retrieval = retrieval_profile(args)
     except (ValueError, FileNotFoundError) as err:
@@ -109,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_spec(args) -> testbed.TestbedSpec:
     """The testbed pair for this sweep: its cache covers the longest prompt + the new tokens + gamma."""
-    return testbed.sized(args.shape, args.layers, max(args.contexts) + NEW_TOKENS + args.gamma, args.seed)
+    return testbed.sized(args.shape, args.layers, max(args.contexts) + args.values + args.gamma, args.seed)
 
 
 def retrieval_profile(args) -> RetrievalProfile:
@@ -121,18 +132,25 @@ def retrieval_profile(args) -> RetrievalProfile:
 
 # --- the sweep ------------------------------------------------------------------------------------
 
-def jobs(args) -> list[tuple[int, int | None, str]]:
-    """(context, budget, policy) in run order; dense once per context (budget None)."""
-    dense = [(None, "dense")] if "dense" in args.policies else []
-    sparse = [(b, name) for b in args.budgets for name in args.policies if name != "dense"]
-    return [(c, b, name) for c in args.contexts for b, name in dense + sparse]
+def jobs(args) -> list[tuple[int, int | None, str, int]]:
+    """(context, budget, policy, estimate_every) in run order; dense once per context (budget None); every
+    --estimate-every value for the policies with a target signal, 1 for the others."""
+    dense = [(None, "dense", 1)] if "dense" in args.policies else []
+    sparse = [(b, name, k) for b in args.budgets for name in args.policies if name != "dense"
+              for k in (args.estimate_every if name in TARGET_SIGNAL else [1])]
+    return [(c, b, name, k) for c in args.contexts for b, name, k in dense + sparse]
+
+
+def policy_label(row: dict) -> str:
+    """The policy's name, with `/kK` when it re-estimates every K > 1 steps."""
+    return row["policy"] + (f"/k{row['estimate_every']}" if row["estimate_every"] > 1 else "")
 
 
 def measure(draft, target, prompts, policy, args) -> dict:
     """One batch under `policy`: the row's measured fields."""
     ids, expected = zip(*prompts)
     begin = time.perf_counter()
-    result = generate(draft, target, list(ids), max_new_tokens=NEW_TOKENS, gamma=args.gamma, policy=policy,
+    result = generate(draft, target, list(ids), max_new_tokens=args.values, gamma=args.gamma, policy=policy,
                       eos_ids=(), fidelity=True)
     fidelity = result.stats.fidelity or {}
     return {"recall": sum(map(testbed.recall, result.tokens, expected)) / len(expected),
@@ -148,14 +166,14 @@ def sweep(args) -> list[dict]:
     if device.type == "cpu":
         torch.set_num_threads(1)  # small models: more CPU threads only add synchronisation
     draft, target = testbed.models(args.spec, device=device, dtype=DTYPES[args.dtype])
-    prompts = {c: [testbed.prompt(args.spec, c, seed=args.seed + i) for i in range(args.prompts)]
+    prompts = {c: [testbed.prompt(args.spec, c, values=args.values, seed=args.seed + i) for i in range(args.prompts)]
                for c in args.contexts}
     rows = []
     with tqdm(jobs(args), file=sys.stderr, unit="run") as bar:
-        for context, budget, name in bar:
-            bar.set_postfix_str(f"context {context} budget {budget or '-'} {name}")
-            policy = make_policy(name, args.retrieval, budget=budget or 0)
-            rows.append({"context": context, "budget": budget, "policy": name,
+        for context, budget, name, every in bar:
+            bar.set_postfix_str(f"context {context} budget {budget or '-'} {name} k {every}")
+            policy = make_policy(name, args.retrieval, budget=budget or 0, estimate_every=every)
+            rows.append({"context": context, "budget": budget, "policy": name, "estimate_every": every,
                          **measure(draft, target, prompts[context], policy, args)})
     return rows
 
@@ -168,7 +186,7 @@ def provenance(args, argv: list[str]) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "tools/eval_retrieval.py", *argv]),
             "testbed": dataclasses.asdict(args.spec), "profile": args.retrieval.to_json(source=args.retrieval.source),
-            "gamma": args.gamma, "new_tokens": NEW_TOKENS, "prompts": args.prompts, "seed": args.seed,
+            "gamma": args.gamma, "new_tokens": args.values, "prompts": args.prompts, "seed": args.seed,
             "selection": "make_policy's defaults: sink 4, recent 16, m = budget // 4 unless the profile sets it; "
                          "quest: pages of 16 tokens, budget // 16 of them",
             "fields": {"recall": "share of the asked values generated in place, mean over the prompts",
@@ -202,8 +220,8 @@ def plot(rows: list[dict], key: str, label: str, path: Path, meta: dict) -> None
                              layout="constrained")
     for ax, context in zip(axes[0], contexts):
         here = [r for r in rows if r["context"] == context]
-        for i, name in enumerate(dict.fromkeys(r["policy"] for r in here)):
-            mine = [r for r in here if r["policy"] == name]
+        for i, name in enumerate(dict.fromkeys(map(policy_label, here))):
+            mine = [r for r in here if policy_label(r) == name]
             if name == "dense":
                 value = mine[0][key] if mine[0][key] is not None else 1.0
                 ax.axhline(value, color="black", linestyle="--", linewidth=1.5, zorder=3, label="dense (every key)")
@@ -235,12 +253,12 @@ def print_table(rows: list[dict]) -> None:
     print("cells: recall / acceptance length / attention mass kept (dense: one run, every key)")
     for context in sorted({r["context"] for r in rows}):
         print(f"\ncontext {context:<6}" + "".join(f"{'budget ' + str(b):>19}" for b in budgets))
-        for name in dict.fromkeys(r["policy"] for r in rows):
-            cells = {r["budget"]: r for r in rows if r["context"] == context and r["policy"] == name}
+        for name in dict.fromkeys(map(policy_label, rows)):
+            cells = {r["budget"]: r for r in rows if r["context"] == context and policy_label(r) == name}
             if None in cells:  # dense: every key, whatever the budget
-                print(f"  {name:12}{cell(cells[None]):>19}   (reads every key: any budget)")
+                print(f"  {name:16}{cell(cells[None]):>19}   (reads every key: any budget)")
             else:
-                print(f"  {name:12}" + "".join(f"{cell(cells[b]) if b in cells else '':>19}" for b in budgets))
+                print(f"  {name:16}" + "".join(f"{cell(cells[b]) if b in cells else '':>19}" for b in budgets))
 
 
 def cell(row: dict) -> str:
