@@ -2,11 +2,12 @@
 
 Each window query attends the selected history blocks plus the causal window. The Triton kernel packs
 the G*T query rows of one KV head into one tile, so every selected K/V row is read once for all of
-them, and splits the selected list across `num_splits` programs (flash-decoding) whose partial
-results a second small kernel merges. Template: `templates/sparse_verify.py.j2`; variants "" (token
-or block index), "dense" (every history token) and "paged" (index over a paged cache). The Triton
-launcher is `_resolve` (spec, launch config, workspace) then `_launch`: the ops do both per call,
-`VerifyPlan` resolves once per step and launches once per layer.
+them; it walks the selected keys and then the window keys as one pipelined stream of tiles, and may
+split that stream across `num_splits` programs (flash-decoding): the last of them to finish merges
+the partial results (one launch; arrival counters in the workspace). Template:
+`templates/sparse_verify.py.j2`; variants "" (token or block index), "dense" (every history token) and
+"paged" (index over a paged cache). The Triton launcher is `_resolve` (spec, launch config, workspace)
+then `_launch`: the ops do both per call, `VerifyPlan` resolves once per step and launches once per layer.
 """
 from __future__ import annotations
 
@@ -137,18 +138,21 @@ def _spec(q, k, *, block_size, variant) -> KernelSpec:
 
 def _resolve(q, k, idx, *, block_size, variant) -> tuple:
     """(module, launch config, workspace) of the Triton kernel for these shapes: the launch config comes from
-    `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`); the workspace
-    holds the splits' partial outputs when num_splits > 1."""
+    `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`). With
+    num_splits > 1 the workspace is (partial outputs [B*Hq*T, splits, D] in fp32 or, with HALF_PARTIALS, q's
+    dtype; their base-2 lse float32 [B*Hq*T, splits]; arrival counters int32[B*Hkv], zero, which the kernel's
+    merging program sets back to zero, so one workspace serves any number of launches in stream order)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     spec = _spec(q, k, block_size=block_size, variant=variant)
     context = k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size
     config = dispatch.config_for(spec, B, context, functools.partial(default_config, kv_heads=Hkv), device=q.device)
     splits = config["num_splits"]
-    if splits > 1:  # the splits' partial outputs: fp32, or q's dtype (HALF_PARTIALS: half the bytes)
+    if splits > 1:
         ws_dtype = q.dtype if config["HALF_PARTIALS"] else torch.float32
         workspace = (torch.empty(B * Hq * T, splits, D, dtype=ws_dtype, device=q.device),
-                     torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device))
+                     torch.empty(B * Hq * T, splits, dtype=torch.float32, device=q.device),
+                     torch.zeros(B * Hkv, dtype=torch.int32, device=q.device))
     else:  # unused by the kernel when NUM_SPLITS == 1
         workspace = None
     return codegen.load(spec), config, workspace
@@ -156,23 +160,20 @@ def _resolve(q, k, idx, *, block_size, variant) -> tuple:
 
 def _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scale) -> None:
     """Launch the resolved kernel (`_resolve`) into out [B, Hq, T, D] and lse float32 [B, Hq, T], both
-    contiguous; seq_lens, idx, count and block_table contiguous. No allocation, no host sync."""
+    contiguous; seq_lens, idx, count and block_table contiguous. One launch, no allocation, no host sync."""
     mod, config, workspace = resolved
-    B, Hq, T, _ = q.shape
+    B = q.shape[0]
     splits = config["num_splits"]
-    ws_o, ws_lse = workspace or (lse, lse)
+    ws_o, ws_lse, arrived = workspace or (lse, lse, seq_lens)
     indexed = [idx, count] if idx is not None else []
     table = [block_table] if block_table is not None else []
-    extra = [t.stride(0) for t in indexed[:1] + table]
+    extra = ([idx.stride(0), idx.shape[1]] if idx is not None else []) + [t.stride(0) for t in table]
     page = {"PAGE_SIZE": k.shape[2]} if table else {}
     mod.sparse_verify_fwd[(k.shape[1], B, splits)](
-        q, k, v, seq_lens, *indexed, *table, out, lse, ws_o, ws_lse,
+        q, k, v, seq_lens, *indexed, *table, out, lse, ws_o, ws_lse, arrived,
         scale * math.log2(math.e), *q.stride(), *k.stride(), *v.stride(), *extra, **page,
         BLOCK_N=config["BLOCK_N"], NUM_SPLITS=splits,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if splits > 1:
-        mod.sparse_verify_merge[(B * Hq * T,)](ws_o, ws_lse, out, lse, NUM_SPLITS=splits,
-                                               BLOCK_S=next_pow2(splits), num_warps=4)
 
 
 def _verify(q, k, v, seq_lens, idx, count, block_table, out, lse, *, block_size, scale, variant, resolved) -> None:
@@ -238,27 +239,20 @@ def aot_specs(arch: str) -> list[KernelSpec]:
 
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
-    """The forward kernel (and the merge kernel when num_splits > 1) with argument types; strides along
-    the head dim are taken as 1, and a paged cache has 16-token pages."""
+    """The forward kernel (it merges the splits itself) with argument types; strides along the head dim are
+    taken as 1, and a paged cache has 16-token pages."""
     mod = codegen.load(spec)
     elem = f"*{spec.dtype}"
     types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_LSE": "*fp32",
-             "WS_O": elem if config["HALF_PARTIALS"] else "*fp32",
+             "WS_O": elem if config["HALF_PARTIALS"] else "*fp32", "ARRIVED": "*i32",
              "SEQ_LENS": "*i32", "IDX": "*i32", "COUNT": "*i32", "BLOCK_TABLE": "*i32", "scale_log2": "fp32"}
-
-    def kernel(fn, constexprs, num_warps, num_stages):
-        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-        strides = tuple(name for name in fn.arg_names if name.startswith("stride") and name not in constexprs)
-        return AotKernel(fn, signature, constexprs, num_warps, num_stages, aligned=strides)
-
-    splits = config["num_splits"]
-    kernels = [kernel(mod.sparse_verify_fwd, {"BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": splits, "PAGE_SIZE": 16,
-                                              "stride_qd": 1, "stride_kd": 1, "stride_vd": 1},
-                      config["num_warps"], config["num_stages"])]
-    if splits > 1:
-        kernels.append(kernel(mod.sparse_verify_merge, {"NUM_SPLITS": splits, "BLOCK_S": next_pow2(splits)}, 4, 2))
-    return kernels
+    fn = mod.sparse_verify_fwd
+    constexprs = {name: value for name, value in {
+        "BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": config["num_splits"], "PAGE_SIZE": 16,
+        "stride_qd": 1, "stride_kd": 1, "stride_vd": 1}.items() if name in fn.arg_names}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    strides = tuple(name for name in fn.arg_names if name.startswith("stride") and name not in constexprs)
+    return [AotKernel(fn, signature, constexprs, config["num_warps"], config["num_stages"], aligned=strides)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,8 +340,8 @@ def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, sc
     layer of a step, `VerifyPlan` checks and resolves once.
 
     CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
-    what shapes and the launch config determine (out, lse, and when num_splits > 1 the fp32 workspace
-    [B*Hq*T, num_splits, D + 1]); value checks of seq_lens / idx / count read the tensors on the host and
+    what shapes and the launch config determine (out, lse, and when num_splits > 1 the workspace of the
+    partial results, [B*Hq*T, num_splits, D + 1] fp32 values, and B*Hkv zeroed int32 counters); value checks of seq_lens / idx / count read the tensors on the host and
     are skipped while a graph is being captured, so validate them before capturing.
     """
     _check_flag(return_lse)
