@@ -98,3 +98,19 @@ def dense_attention(q, k_cache, v_cache, seq_lens, scale=None):
                 prob = torch.softmax(keys[: p + 1] @ q[b, h, t].double().cpu() * scale, dim=0)
                 out[b, h, t] = prob @ values[: p + 1]
     return out
+
+
+def attention_lse(q, k_cache, seq_lens, scale=None):
+    """float64[B, Hq, T]: natural-log log-sum-exp of each window row's scaled scores over its keys [0, p_t]
+    (the lse that `attention_scores(..., lse=)` takes)."""
+    B, Hq, T, D = q.shape
+    G = Hq // k_cache.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, T, dtype=torch.float64)
+    for b, L in enumerate(_lengths(seq_lens)):
+        for h in range(Hq):
+            keys = k_cache[b, h // G].double().cpu()
+            for t in range(T):
+                p = L - T + t
+                out[b, h, t] = torch.logsumexp(keys[: p + 1] @ q[b, h, t].double().cpu() * scale, dim=0)
+    return out
