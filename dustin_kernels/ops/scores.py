@@ -9,6 +9,11 @@ and the target estimation (a few target heads, one row) of Dustin. Two backends:
   `block_scores` (recompute each key tile, sum exp(s - lse) over rows and per block). K is read
   twice, and the [rows, N] probability matrix is never stored; this op only runs on a few heads.
 
+With the rows' log-sum-exp given (`attention_scores(lse=)`, `attention_scores_layers`: the draft
+model's own attention returns it) the lse pass is skipped: the torch backend makes one pass over the
+key chunks, and triton launches only `layer_scores` (the `layers<L>` spec variant), which reads each
+layer's used keys once and sums over every layer's rows in one launch, `block_scores`' tile loop.
+
 The selected q-heads are grouped by KV head (rows of one KV head share its keys): GROUP, the most
 selected heads of any KV head, and T are template constants. fp32 inputs use tf32x3 dots (tensor
 cores at about fp32 accuracy); on sm90 `block_scores` puts the keys on the MMA's M side (wgmma).
@@ -199,7 +204,8 @@ def _triton_attention_scores_layers(qs, k_caches, lses, seq_lens, heads, block_s
     mod = codegen.load(spec)
     config = dispatch.config_for(spec, B, N, default_config, qs[0].device)  # context: N_max, as attention_scores
     _check_whole_blocks(config, ("BLOCK_N",), block_size)
-    per_layer = [x for q, k, lse in zip(qs, k_caches, lses) for x in (q, k, lse, *q.stride(), *k.stride(), *lse.stride())]
+    per_layer = [x for q, k, lse in zip(qs, k_caches, lses)  # the template's per-layer argument group
+                 for x in (q, k, lse, *q.stride(), *k.stride(), *lse.stride())]
     mod.layer_scores[(B, math.ceil(N / config["BLOCK_N"]))](
         *per_layer, seq_lens.contiguous(), table, out, out.shape[1], out.stride(0), scale * LOG2E, N_USED=n_used,
         BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"], num_stages=config["num_stages"])
