@@ -45,9 +45,13 @@ def test_run_equals_the_op_for_every_layer(backend, splits, dense):
         torch.testing.assert_close(plan.lse, lse, atol=0, rtol=0)
 
 
-def test_run_looks_nothing_up_and_allocates_nothing(monkeypatch):
+@pytest.mark.parametrize("splits", [None, 3], ids=["default", "splits3"])
+def test_run_looks_nothing_up_and_allocates_nothing(monkeypatch, splits):
+    """With split-KV the plan owns the partials and the arrival counters; runs reuse them."""
     q, k, v, seq_lens, idx, count = problem()
-    with dispatch.record() as calls:
+    config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": splits, "HALF_PARTIALS": 0}
+    pinned = dispatch.override(config, kernel="sparse_verify") if splits else contextlib.nullcontext()
+    with pinned, dispatch.record() as calls:
         plan = VerifyPlan(q[0], k[0], v[0], seq_lens, idx, count, block_size=4, backend="triton")
     assert len(calls) == 1
     buffer = torch.empty_like(q[0])

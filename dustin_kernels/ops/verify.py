@@ -41,16 +41,19 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
     - except BLOCK_N 16 and 8 warps for fp32 (its ieee dots run on FMA units and hold whole operands
       in registers) and on sm80 when BLOCK_M < BLOCK_D and the accumulator exceeds 4096 elements (the
       mma layout then spreads the warps along the head dim and each warp holds all query rows);
-    - num_stages: 2 (3 measured 4% faster on an H200 but spills in the paged variant and on sm80);
+    - num_stages: 2, a ring of two K and V tiles in shared memory (82 KB at the 72B shape on sm90, so two
+      programs share an SM; 3 stages take 115 KB and leave one);
     - num_splits: ceil(waves * SMs / (batch * kv_heads)) (SMs: 132 for sm90, 108 for sm80, 1 for the
-      interpreter), clamped to [1, ceil(context / BLOCK_N)]; one wave on sm90, measured on an H200 at
-      the Qwen2.5-72B shape, batch 16, budget 512 (tools/results/h200-sweep): 2 splits 29.6 us, 3 splits
-      (two waves) 43.7 us, 4 / 8 / 16 splits 44-80 us: the merge pass costs more than the extra programs
-      gain. Two waves on sm80 (not measured; one split spills 8 B at the 72B shape with block 16 there);
+      interpreter), clamped to [1, ceil(context / BLOCK_N)]; one wave on sm90 (two programs per SM), measured
+      on an H200 at the Qwen2.5-72B shape, batch 16, budget 512 with the previous kernel (a separate merge
+      kernel, index loads inside the K/V loop; tools/results/h200-sweep): 2 splits 29.6 us, 3 splits (two
+      waves) 43.7 us, 4 / 8 / 16 splits 44-80 us. The splits now merge inside the forward kernel; the rule
+      is kept until it is re-measured (1 split with BLOCK_N 128 and 8 warps compiles without spills, untimed).
+      Two waves on sm80 (not measured);
     - HALF_PARTIALS: 0, the splits' partial outputs in fp32. 1 stores them in q's dtype (fp16 / bf16),
-      half the workspace bytes (at 2 splits of the 72B headline shape, 10.5 of 47 MB moved), one more
-      rounding before the fp32 merge: 3% faster there on an H200 (28.7 vs 29.6 us,
-      tools/results/h200-session2), one measurement; the tuned DB takes it, the rule stays fp32.
+      half the workspace bytes, one more rounding before the fp32 merge: 3% faster at 2 splits of the 72B
+      headline shape on an H200 with the previous kernel (28.7 vs 29.6 us, tools/results/h200-session2), one
+      measurement; the tuned DB takes it, the rule stays fp32.
     """
     block_m, block_d = _block_m(spec), next_pow2(spec.head_dim)
     narrow = spec.dtype == "fp32" or (spec.arch == "sm80" and block_m < block_d and block_m * block_d > 4096)
