@@ -53,8 +53,9 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
       350 / 177 us; the Qwen2.5-0.5B lookahead at 32K: 126.5 / 97.8 us.
     - variant "layers<L>" (layer_scores, the lse given): only BLOCK_N, num_warps and num_stages are read,
       the block_scores values above (grid B x cdiv(N_max, BLOCK_N), a loop over L x used KV heads per
-      program; sm_90 / sm_80 at the 0.5B draft shape, 3 layers: 66 / 72 registers, no spills); the other
-      keys keep the rule's values, so that the config stays within the search space.
+      program; sm_90 / sm_80 at the 0.5B draft shape, 3 layers: 64 / 76 registers, no spills; num_stages 2
+      double-buffers the keys across the used KV heads, untimed); the other keys keep the rule's values,
+      so that the config stays within the search space.
     """
     if spec.arch == "interp":
         config = {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
