@@ -76,18 +76,20 @@ def test_matches_reference(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_long_history_merges_many_chunks(backend):
-    """5000 history blocks, budget 64: the triton path merges several chunk lists per signal."""
+def test_long_history_walks_many_tiles(backend):
+    """5000 history blocks, budget 64: the triton path walks many tiles in each radix pass."""
     s_draft, s_target = _scores(1, 5000), _scores(1, 5000, levels=50)
     _check(s_draft, s_target, torch.tensor([5004], dtype=torch.int32), backend, budget=64, m=16, window=4)
 
 
 @pytest.mark.parametrize("config", [
-    {"TILE": 32, "CHUNK": 32, "EMIT_TILE": 32},  # one tile per chunk, many chunks
-    {"TILE": 32, "CHUNK": 128, "EMIT_TILE": 128},  # several tiles per chunk
-    {"TILE": 16, "CHUNK": 16, "EMIT_TILE": 16},  # quota 28 -> K 32 > TILE: the launcher raises TILE to K
-], ids=lambda c: f"tile{c['TILE']}-chunk{c['CHUNK']}")
+    {"TILE": 32, "RADIX_BITS": 8},  # many tiles per pass, 4 passes
+    {"TILE": 1024, "RADIX_BITS": 5},  # one tile per pass, 7 passes (the last of 2 bits)
+    {"TILE": 64, "RADIX_BITS": 7},  # 5 passes (the last of 4 bits)
+    {"TILE": 16, "RADIX_BITS": 4},  # 8 passes, tiles narrower than the budget
+], ids=lambda c: f"tile{c['TILE']}-radix{c['RADIX_BITS']}")
 def test_triton_tilings(config):
+    """Tile widths and digit widths of the radix select: every pass split and tile walk gives the same set."""
     seq_lens = torch.tensor([700, 520, 90], dtype=torch.int32)
     s_draft, s_target = _scores(3, 700, levels=6), _scores(3, 700)
     with dispatch.override({**config, "num_warps": 4, "num_stages": 1}, kernel="select_tokens"):
@@ -132,8 +134,8 @@ def test_noncontiguous_scores_of_different_widths(backend):
 
 
 def test_score_widths_share_one_compiled_kernel(monkeypatch):
-    """Score rows of 4096 and 4100 columns (caches of any length) give the same JIT specialisation key
-    for every kernel: no recompile when the context grows. The interpreter does not compile, so the key
+    """Score rows of 4096 and 4100 columns (caches of any length) give the same JIT specialisation key:
+    no recompile when the context grows. The interpreter does not compile, so the key
     is computed by Triton's own binder from the recorded launch arguments."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -159,12 +161,10 @@ def test_score_widths_share_one_compiled_kernel(monkeypatch):
     seq_lens = torch.tensor([300, 200], dtype=torch.int32)
     for width in (4096, 4100):
         with monkeypatch.context() as patch:
-            for name in ("chunk_topk", "threshold", "emit"):
-                patch.setattr(mod, name, recorded(name, width))
+            patch.setattr(mod, "select_tokens", recorded("select_tokens", width))
             _check(_scores(2, width), _scores(2, width), seq_lens, "triton", budget=40, m=10, window=5)
-    assert set(keys) == {"chunk_topk", "threshold", "emit"}
-    for name, by_width in keys.items():
-        assert by_width[4096] == by_width[4100], name
+    assert set(keys["select_tokens"]) == {4096, 4100}
+    assert keys["select_tokens"][4096] == keys["select_tokens"][4100]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,14 +7,14 @@ Two backends:
 
 - torch: the keys of the whole batch, torch.topk for each signal's threshold, one sort to list the
   chosen blocks ascending;
-- triton (`templates/select_tokens.py.j2`): chunk_topk (a bitonic top-K per chunk of blocks), threshold
-  (merge of a sequence's chunk lists into the draft threshold), emit (merge into the last signal's
-  threshold, then the chosen blocks in order). The quotas are host ints (budget, m, sink, recent); every
-  per-sequence decision happens in the kernels, so the launcher never syncs.
+- triton (`templates/select_tokens.py.j2`): one launch, one program per sequence: a radix select of the
+  draft threshold over the 32-bit score part of the key (tl.histogram, RADIX_BITS per pass, stopping at
+  the first pass whose boundary bin is taken whole), its ties by lower block (a running tl.cumsum in
+  block order), the same for the target among the blocks the draft left, then the chosen blocks in
+  order. The quotas are host ints (budget, m, sink, recent); every per-sequence decision happens in the
+  kernel, so the launcher never syncs (CUDA-graph capturable).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -22,29 +22,26 @@ from .. import _checks, codegen, dispatch, library
 from ..spec import KernelSpec, next_pow2
 
 KEY_MIN = -(1 << 63)  # key of blocks that are not candidates
-AOT_QUOTA = 512  # quota of the AOT check: the paper's budget 512 (sink 4, recent 16) leaves 492 blocks
 
 
 def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
     """Launch config when the perf DB has no entry; context = W, the score columns (history blocks).
 
-    - interpreter: TILE next_pow2(W) / 16 clamped to [32, 256], CHUNK and EMIT_TILE 4 * TILE (tests walk
-      several tiles and chunks; the interpreter pays per step, not per element);
-    - GPU: TILE (blocks per chunk_topk step) min(1024, next_pow2(W)); CHUNK (blocks per chunk_topk
-      program) TILE * next_pow2(B * W / (128 * TILE)) clamped to [1, 8] tiles, so that about 128
-      programs share the batch; EMIT_TILE (blocks per emit step) min(4096, next_pow2(W)), at least 256;
-      num_warps 8 when a tile holds 2048 blocks or more, else 4; num_stages 1.
-    The launcher raises TILE to K = next_pow2(quota) where a quota needs it, and CHUNK to TILE.
+    - interpreter: TILE next_pow2(W) / 8 clamped to [32, 256] (tests walk several tiles per pass; the
+      interpreter pays per step, not per element), RADIX_BITS 8 (4 passes), num_warps 4;
+    - GPU: TILE next_pow2(W) clamped to [1024, 4096] (a 32K-block row is 8 steps per pass, 128K 32),
+      num_warps TILE / 256 (8 blocks per thread: 85-88 registers on sm_90 / sm_80, no spills, at 16
+      warps; ptxas's register choice is erratic near 64: 16 warps with RADIX_BITS 5 or 6 spill on some
+      specs), RADIX_BITS 7 (128 histogram bins, at most 5 passes per signal: tl.histogram costs
+      log2(bins) warp ballots plus bins / 32 popcounts per block, so wide digits cost more per key bit,
+      narrow ones more passes over the row); num_stages 1.
+    The batch does not matter: one program per sequence.
     """
     width = next_pow2(max(context, 1))
     if spec.arch == "interp":
-        tile = min(256, max(32, width // 16))
-        return {"TILE": tile, "CHUNK": 4 * tile, "EMIT_TILE": 4 * tile, "num_warps": 4, "num_stages": 1}
-    tile = min(1024, width)
-    chunk = tile * min(8, next_pow2(math.ceil(max(batch, 1) * context / (128 * tile))))
-    emit_tile = max(256, min(4096, width))
-    warps = 8 if max(tile, emit_tile) >= 2048 else 4
-    return {"TILE": tile, "CHUNK": chunk, "EMIT_TILE": emit_tile, "num_warps": warps, "num_stages": 1}
+        return {"TILE": min(256, max(32, width // 8)), "RADIX_BITS": 8, "num_warps": 4, "num_stages": 1}
+    tile = min(4096, max(1024, width))
+    return {"TILE": tile, "RADIX_BITS": 7, "num_warps": tile // 256, "num_stages": 1}
 
 
 def _quotas(s_draft, s_target, free: int, m: int) -> tuple[int, int]:
@@ -92,54 +89,26 @@ def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, w
     return idx, counted if count is None else count.copy_(counted)
 
 
-def _launch_config(config: dict, quota: int) -> tuple[int, int, int]:
-    """(K, TILE, CHUNK) for a quota: K = next_pow2(quota) (at least 2), TILE >= K, CHUNK >= TILE."""
-    k = max(2, next_pow2(quota))
-    tile = max(config["TILE"], k)
-    return k, tile, max(config["CHUNK"], tile)
-
-
 def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx=None,
                           count=None):
-    """(idx, count), written into the given tensors (new ones when None)."""
+    """(idx, count), written into the given tensors (new ones when None): one launch, grid (B,)."""
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
-    seq_lens = seq_lens.contiguous()  # the kernels read seq_lens[b] at offset b
+    seq_lens = seq_lens.contiguous()  # the kernel reads seq_lens[b] at offset b
     spec = KernelSpec(kernel="select_tokens", arch=dispatch.arch_for(device), block_size=block_size)
-    mod = codegen.load(spec)
     config = dispatch.config_for(spec, B, W, default_config, device=device)
-    warps, stages = config["num_warps"], config["num_stages"]
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
         n_draft = n_target = 0
     idx = torch.empty(B, budget, dtype=torch.int32, device=device) if idx is None else idx
     count = torch.empty(B, dtype=torch.int32, device=device) if count is None else count
-    thr_d = torch.empty(B, dtype=torch.int64, device=device)
     d_args = (s_draft, *s_draft.stride()) if s_draft is not None else (scores, 0, 0)
     t_args = (s_target, *s_target.stride()) if s_target is not None else (scores, 0, 0)
-    lists, n_chunks, last_k, last_quota = thr_d, 1, 1, 1  # placeholders when no signal chooses
-
-    def chunk_lists(s_args, quota, exclude_draft):
-        k, tile, chunk = _launch_config(config, quota)
-        n = math.ceil(W / chunk)
-        out = torch.empty(B, n, k, dtype=torch.int64, device=device)
-        mod.chunk_topk[(B, n)](*s_args, *d_args, thr_d, seq_lens, out, W, window, sink, recent,
-                               EXCLUDE_DRAFT=exclude_draft, K=k, TILE=tile, CHUNK=chunk,
-                               num_warps=warps, num_stages=stages)
-        return out, n, k
-
-    if n_draft:
-        lists, n_chunks, last_k = chunk_lists(d_args, n_draft, False)
-        last_quota = n_draft
-        if n_target:
-            mod.threshold[(B,)](lists, thr_d, n_chunks, n_draft, K=last_k, num_warps=warps, num_stages=stages)
-    if n_target:
-        lists, n_chunks, last_k = chunk_lists(t_args, n_target, n_draft > 0)
-        last_quota = n_target
-    mod.emit[(B,)](*d_args, *t_args, thr_d, lists, n_chunks, last_quota, seq_lens, idx, count,
-                   W, window, sink, recent, budget, USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0,
-                   K=last_k, TILE=config["EMIT_TILE"], num_warps=warps, num_stages=stages)
+    codegen.load(spec).select_tokens[(B,)](
+        *d_args, *t_args, seq_lens, idx, count, W, window, sink, recent, budget, n_draft, n_target,
+        USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0, TILE=config["TILE"], RADIX_BITS=config["RADIX_BITS"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
     return idx, count
 
 
@@ -159,31 +128,18 @@ def aot_specs(arch: str) -> list[KernelSpec]:
 
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list:
-    """chunk_topk (draft, and target excluding the draft), threshold and emit, at quota AOT_QUOTA."""
+    """The one kernel with both signals (the path with the most live state: the target's passes exclude
+    the draft's blocks), unit column strides as the JIT specialises them."""
     from ..aot import AotKernel
 
-    mod = codegen.load(spec)
-    k, tile, chunk = _launch_config(config, AOT_QUOTA)
-    warps, stages = config["num_warps"], config["num_stages"]
-    scores = {"s_ptr": "*fp32", "s_stride_b": "i32", "s_stride_w": "i32",
-              "d_ptr": "*fp32", "d_stride_b": "i32", "d_stride_w": "i32"}
-    topk_sig = {**scores, "thr_d_ptr": "*i64", "seq_lens_ptr": "*i32", "lists_ptr": "*i64", "W": "i32",
-                "window": "i32", "sink": "i32", "recent": "i32", "EXCLUDE_DRAFT": "constexpr", "K": "constexpr",
-                "TILE": "constexpr", "CHUNK": "constexpr"}
-    thr_sig = {"lists_ptr": "*i64", "thr_ptr": "*i64", "n_chunks": "i32", "quota": "i32", "K": "constexpr"}
-    emit_sig = {"d_ptr": "*fp32", "d_stride_b": "i32", "d_stride_w": "i32",
-                "t_ptr": "*fp32", "t_stride_b": "i32", "t_stride_w": "i32", "thr_d_ptr": "*i64",
-                "lists_ptr": "*i64", "n_chunks": "i32", "quota": "i32", "seq_lens_ptr": "*i32", "idx_ptr": "*i32",
-                "count_ptr": "*i32", "W": "i32", "window": "i32", "sink": "i32", "recent": "i32", "budget": "i32",
-                "USE_DRAFT": "constexpr", "USE_TARGET": "constexpr", "K": "constexpr", "TILE": "constexpr"}
-    topk = {"K": k, "TILE": tile, "CHUNK": chunk}
-    return [
-        AotKernel(mod.chunk_topk, topk_sig, {**topk, "EXCLUDE_DRAFT": False}, warps, stages),
-        AotKernel(mod.chunk_topk, topk_sig, {**topk, "EXCLUDE_DRAFT": True}, warps, stages),
-        AotKernel(mod.threshold, thr_sig, {"K": k}, warps, stages),
-        AotKernel(mod.emit, emit_sig, {"USE_DRAFT": True, "USE_TARGET": True, "K": k,
-                                       "TILE": config["EMIT_TILE"]}, warps, stages),
-    ]
+    sig = {"d_ptr": "*fp32", "d_stride_b": "i32", "d_stride_w": "constexpr",
+           "t_ptr": "*fp32", "t_stride_b": "i32", "t_stride_w": "constexpr",
+           "seq_lens_ptr": "*i32", "idx_ptr": "*i32", "count_ptr": "*i32", "W": "i32", "window": "i32", "sink": "i32", "recent": "i32", "budget": "i32",
+           "n_draft": "i32", "n_target": "i32", "USE_DRAFT": "constexpr", "USE_TARGET": "constexpr",
+           "TILE": "constexpr", "RADIX_BITS": "constexpr"}
+    constexprs = {"USE_DRAFT": True, "USE_TARGET": True, "TILE": config["TILE"], "RADIX_BITS": config["RADIX_BITS"],
+                  "d_stride_w": 1, "t_stride_w": 1}
+    return [AotKernel(codegen.load(spec).select_tokens, sig, constexprs, config["num_warps"], config["num_stages"])]
 
 
 def _check_scores(name: str, scores, batch: int | None) -> None:
