@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-from . import VerifyPlan, attention_scores, dense_verify, select_tokens, sparse_verify
+from . import VerifyPlan, attention_scores, attention_scores_layers, dense_verify, select_tokens, sparse_verify
 from .models import KVCache, ModelConfig
+from .ops.scores import MAX_LAYERS
 
 # torch.profiler ranges of a speculative step (`tools/bench_e2e.py` reads them): the draft passes, the
 # first selection, the target's pass, and within it the refinement and every layer's attention.
@@ -50,7 +51,8 @@ class VerifyContext:
 
     lens: int32[B] history tokens (cache entries before the window); draft_queries: {draft layer:
     [B, Hq, T, D]} the draft's queries of the T window tokens (positions lens .. lens + gamma);
-    draft_cache: holds the window already; target_queries: {target layer: [B, Hq, 1, D]} query of the
+    draft_lse: {draft layer: float32[B, Hq, T]} the log-sum-exp of those rows' attention, kept by the
+    draft's own passes (`DraftAttention`); draft_cache: holds the window already; target_queries: {target layer: [B, Hq, 1, D]} query of the
     last committed token (position lens - 1); target_cache: history only. estimate: whether this step
     estimates the target signal afresh; target_scores: float32[B, blocks] the last estimate (None before
     the first), which a policy that re-estimates every k steps reuses in between.
@@ -58,6 +60,7 @@ class VerifyContext:
     lens: torch.Tensor
     window: int
     draft_queries: dict[int, torch.Tensor]
+    draft_lse: dict[int, torch.Tensor]
     draft_cache: KVCache
     target_queries: dict[int, torch.Tensor]
     target_cache: KVCache
@@ -126,6 +129,23 @@ def history_read(selection, lens: torch.Tensor, block_size: int) -> torch.Tensor
     used = torch.arange(idx.shape[1], device=idx.device)[None] < count[:, None]
     start = idx.long().clamp(min=0) * block_size
     return torch.where(used, (lens.long()[:, None] - start).clamp(0, block_size), 0).sum(1)
+
+
+class DraftAttention:
+    """The draft's dense attention for one forward pass (called by its layers in order, the ops'
+    contract) that keeps, for the layers in `layers`, each query row's log-sum-exp: `lse` {layer:
+    float32[B, Hq, T]}. The draft lookahead then scores the history with it (one read of K), no
+    second pass over the keys for the softmax normaliser."""
+
+    def __init__(self, layers):
+        self.layers, self.lse, self._next = set(layers), {}, 0
+
+    def __call__(self, q, k_cache, v_cache, seq_lens):
+        layer, self._next = self._next, self._next + 1
+        if layer not in self.layers:
+            return dense_verify(q, k_cache, v_cache, seq_lens)
+        out, self.lse[layer] = dense_verify(q, k_cache, v_cache, seq_lens, return_lse=True)
+        return out
 
 
 class StepAttention:
@@ -253,11 +273,15 @@ class Dustin(Policy):
                              recent=self.recent, window=window, block_size=self.block_size)
 
     def draft_scores(self, ctx: VerifyContext):
-        """S_draft float32[B, blocks] (None without draft heads): the draft's T window queries."""
-        s_draft = None
-        for layer, heads in self.draft_heads.items():
-            s = attention_scores(ctx.draft_queries[layer], ctx.draft_cache.k[layer], ctx.lens + ctx.window,
-                                 heads=heads, block_size=self.block_size)
+        """S_draft float32[B, blocks] (None without draft heads): the draft's T window queries on its
+        retrieval heads, every retrieval layer in one launch, normalised by the log-sum-exp the draft's
+        own attention kept (so its keys are read once)."""
+        s_draft, layers = None, list(self.draft_heads)
+        for at in range(0, len(layers), MAX_LAYERS):  # one launch per MAX_LAYERS (8) layers
+            part = layers[at:at + MAX_LAYERS]
+            s = attention_scores_layers([ctx.draft_queries[i] for i in part], [ctx.draft_cache.k[i] for i in part],
+                                        ctx.lens + ctx.window, heads=[self.draft_heads[i] for i in part],
+                                        lses=[ctx.draft_lse[i] for i in part], block_size=self.block_size)
             s_draft = s if s_draft is None else s_draft + s
         return s_draft
 

@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from . import dense_verify, trusted_inputs
 from .fidelity import Probe
 from .models import KVCache, Transformer
-from .policies import PHASES, Dense, VerifyContext
+from .policies import PHASES, Dense, DraftAttention, VerifyContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +152,15 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     lens = state.lens
     vocab = target.config.vocab_size if draft is None else min(target.config.vocab_size, draft.config.vocab_size)
     token = state.pending[:, None]
-    drafts, draft_probs, draft_queries = [], [], {layer: [] for layer in policy.draft_heads}
+    drafts, draft_probs = [], []
+    draft_queries, draft_lse = {layer: [] for layer in policy.draft_heads}, {layer: [] for layer in policy.draft_heads}
     with record_function(PHASES["draft"]):
         for i in range(T if gamma else 0):
-            hidden, queries = draft(token, draft_cache, lens + i, capture=policy.draft_heads)
+            attend = DraftAttention(policy.draft_heads)
+            hidden, queries = draft(token, draft_cache, lens + i, attend=attend, capture=policy.draft_heads)
             for layer, q in queries.items():  # S_draft covers every verified row: pending, d_1 .. d_gamma
                 draft_queries[layer].append(q)
+                draft_lse[layer].append(attend.lse[layer])
             if i == gamma:
                 break
             logits = draft.logits(hidden[:, -1])[:, :vocab]
@@ -169,8 +172,9 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
             drafts.append(token)
     drafts = torch.cat(drafts, 1) if drafts else state.pending.new_zeros(len(lens), 0)
 
-    ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()}, draft_cache,
-                        state.target_queries, target_cache, state.estimate, state.target_scores)
+    ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()},
+                        {k: torch.cat(v, 2) for k, v in draft_lse.items()}, draft_cache, state.target_queries,
+                        target_cache, state.estimate, state.target_scores)
     with record_function(PHASES["select"]):
         attention = policy.attention(ctx)
     window = torch.cat([state.pending[:, None], drafts], 1)

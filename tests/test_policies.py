@@ -6,7 +6,7 @@ import torch
 from dustin_kernels import ref, testbed
 from dustin_kernels.policies import Dustin, Quest, RetrievalProfile, VerifyContext, make_policy, page_bounds
 from dustin_kernels.speculative import speculative_step, start
-from test_speculative import layer_skip_draft, tiny
+from test_speculative import draft_window, layer_skip_draft, tiny
 
 
 def test_refine_switches_to_the_window_queries_selection_at_the_retrieval_layer():
@@ -16,13 +16,8 @@ def test_refine_switches_to_the_window_queries_selection_at_the_retrieval_layer(
     prompts = [list(range(3, 40)), list(range(10, 33))]
     dc, tc, state = start(draft, target, prompts, 64, policy)
     lens, T = state.lens, 4
-    token, queries = state.pending[:, None], []
-    for i in range(T):
-        hidden, q = draft(token, dc, lens + i, capture=[1])
-        queries.append(q[1])
-        token = draft.logits(hidden[:, -1]).argmax(-1, keepdim=True)
     window = torch.cat([state.pending[:, None], torch.randint(3, 40, (2, T - 1))], 1)
-    ctx = VerifyContext(lens, T, {1: torch.cat(queries, 2)}, dc, state.target_queries, tc)
+    ctx = VerifyContext(lens, T, *draft_window(draft, dc, state, T, 1), dc, state.target_queries, tc)
     attention = policy.attention(ctx)
     _, captured = target(window, tc, lens, attend=attention, capture=[2])
     s_draft = ref.attention_scores(ctx.draft_queries[1], dc.k[1], lens + T, heads=(0, 3))
@@ -65,7 +60,7 @@ def test_quest_selects_pages_in_every_layer():
     assert isinstance(policy, Quest) and policy.budget == 2 and policy.block_size == 16
     prompts = [list(range(3, 40)) * 2, list(range(10, 33))]
     dc, tc, state = start(draft, target, prompts, 128, policy)
-    ctx = VerifyContext(state.lens, 3, {}, dc, state.target_queries, tc)
+    ctx = VerifyContext(state.lens, 3, {}, {}, dc, state.target_queries, tc)
     attention = policy.attention(ctx)
     target(torch.randint(3, 40, (2, 3)), tc, state.lens, attend=attention)
     assert len(attention.read) == 3
@@ -123,3 +118,20 @@ def test_reestimation_arguments():
             make_policy(name, profile, budget=64, estimate_every=2)
     assert isinstance(make_policy("target-only", profile, budget=64, estimate_every=4), Dustin)
 
+
+
+def test_draft_lookahead_sums_every_retrieval_layer_beyond_one_launch():
+    """More draft retrieval layers than one attention_scores_layers launch takes (8): S_draft is still the
+    sum over all of them of the float64 reference's scores."""
+    target = tiny(layers=10)
+    heads = {layer: (layer % 4, 3 - layer % 4) for layer in range(10)}
+    policy = make_policy("draft-only", RetrievalProfile(heads, 1, (0,)), budget=10, m=3, sink=2, recent=3)
+    dc, tc, state = start(target, target, [list(range(3, 40)), list(range(10, 33))], 64, policy)
+    queries, lses = {}, {}
+    for layer in heads:  # the self-draft's passes, capturing every layer
+        q, lse = draft_window(target, dc, state, 3, layer)
+        queries |= q
+        lses |= lse
+    ctx = VerifyContext(state.lens, 3, queries, lses, dc, state.target_queries, tc)
+    want = sum(ref.attention_scores(queries[layer], dc.k[layer], state.lens + 3, heads=h) for layer, h in heads.items())
+    torch.testing.assert_close(policy.draft_scores(ctx).double(), want, atol=1e-5, rtol=1e-5)

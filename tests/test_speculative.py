@@ -10,7 +10,7 @@ import torch
 
 from dustin_kernels import speculative
 from dustin_kernels.models import ModelConfig, Transformer, causal_attention, init_random
-from dustin_kernels.policies import Dense, Dustin, RetrievalProfile, Streaming, VerifyContext, make_policy
+from dustin_kernels.policies import Dense, DraftAttention, Dustin, RetrievalProfile, Streaming, VerifyContext, make_policy
 from dustin_kernels.speculative import Sampler, accept_greedy, accept_sampling, generate, speculative_step, start
 
 VOCAB = 48
@@ -97,6 +97,19 @@ def test_sparse_policy_small_budget_reads_less(target, draft, policy):
     assert out.stats.kv_read_bytes < out.stats.kv_dense_bytes
 
 
+def draft_window(draft, cache, state, T: int, layer: int) -> tuple[dict, dict]:
+    """({layer: queries [B, Hq, T, D]}, {layer: lse float32[B, Hq, T]}) of the draft's greedy passes over a
+    window of T tokens from `state.pending`, as speculative_step runs them."""
+    token, queries, lses = state.pending[:, None], [], []
+    for i in range(T):
+        attend = DraftAttention([layer])
+        hidden, q = draft(token, cache, state.lens + i, attend=attend, capture=[layer])
+        queries.append(q[layer])
+        lses.append(attend.lse[layer])
+        token = draft.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+    return {layer: torch.cat(queries, 2)}, {layer: torch.cat(lses, 2)}
+
+
 def test_dustin_selection_follows_the_rule(target, draft):
     """One step's selection equals select_tokens on scores recomputed from the captured queries: the
     draft's queries of all T window tokens (pending and the drafts), the target's committed query."""
@@ -105,12 +118,8 @@ def test_dustin_selection_follows_the_rule(target, draft):
     pol = make_policy("dustin-paper", RetrievalProfile({1: (0, 3)}, 1, (2,)), budget=10, m=3, sink=2, recent=3)
     prompts = [list(range(3, 40)), list(range(10, 33))]
     dc, tc, state = start(draft, target, prompts, 64, pol)
-    token, lens, queries = state.pending[:, None], state.lens, []
-    for i in range(4):  # gamma 3: the draft's passes as speculative_step runs them
-        hidden, q = draft(token, dc, lens + i, capture=[1])
-        queries.append(q[1])
-        token = draft.logits(hidden[:, -1]).argmax(-1, keepdim=True)
-    ctx = VerifyContext(lens, 4, {1: torch.cat(queries, 2)}, dc, state.target_queries, tc)
+    lens = state.lens
+    ctx = VerifyContext(lens, 4, *draft_window(draft, dc, state, 4, 1), dc, state.target_queries, tc)
     idx, count = pol.select(ctx)
     s_draft = ref.attention_scores(ctx.draft_queries[1], dc.k[1], lens + 4, heads=(0, 3))
     s_target = ref.attention_scores(state.target_queries[1], tc.k[1], lens, heads=(2,))
