@@ -243,7 +243,7 @@ def aot_specs(arch: str) -> list[KernelSpec]:
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
     """The forward kernel (it merges the splits itself) with argument types; strides along the head dim are
-    taken as 1, and a paged cache has 16-token pages."""
+    taken as 1, the other strides and the idx width as multiples of 16, and a paged cache has 16-token pages."""
     mod = codegen.load(spec)
     elem = f"*{spec.dtype}"
     types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_LSE": "*fp32",
@@ -254,8 +254,9 @@ def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
         "BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": config["num_splits"], "PAGE_SIZE": 16,
         "stride_qd": 1, "stride_kd": 1, "stride_vd": 1}.items() if name in fn.arg_names}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    strides = tuple(name for name in fn.arg_names if name.startswith("stride") and name not in constexprs)
-    return [AotKernel(fn, signature, constexprs, config["num_warps"], config["num_stages"], aligned=strides)]
+    aligned = tuple(name for name in fn.arg_names  # row strides, and an idx width like the headline's 512
+                    if (name.startswith("stride") or name == "idx_width") and name not in constexprs)
+    return [AotKernel(fn, signature, constexprs, config["num_warps"], config["num_stages"], aligned=aligned)]
 
 
 # ----------------------------------------------------------------------------------------------------
