@@ -41,7 +41,7 @@ def test_bench_writes_rows_with_positive_ratios(bench, tmp_path, backend):
     assert list(csv_rows[0]) == list(bench.FIELDS) and len(csv_rows) == len(rows)
 
     kinds = {(r["kernel"], r["provider"]) for r in rows}
-    assert kinds == {("dense_verify", backend), ("dense_verify", "sdpa"), ("attention_scores[draft]", backend),
+    assert kinds == {("dense_verify", backend), ("dense_verify", "sdpa"), ("attention_scores_layers[draft]", backend),
                      ("attention_scores[target]", backend), ("select_tokens", backend), ("sparse_verify", backend)}
     for r in rows:
         assert r["bytes"] > 0 and 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gbps"] > 0

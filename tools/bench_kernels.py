@@ -22,10 +22,12 @@ Workload. Every sequence holds `context` history tokens plus the T window tokens
 context + T), random normal data. Budgets are history tokens, passed to `select_tokens` as
 budget / block_size blocks, with m = a quarter of them, sink 4 and recent 16 tokens (rounded up to
 blocks). Retrieval heads: 4 q-heads spread over the heads (i * Hq // 4). Draft lookahead: the T
-window queries of one layer of the --draft preset (qwen2.5-0.5b) on its own K cache, timed once and
-counted 3 times (3 layers x 4 heads); target estimation: one query row on 1 layer x 4 heads of the
-target. Selection share = (3 x draft + target + select) / (layers x one layer's sparse_verify): the
-selection runs once per step and its index serves every target layer (layers from the preset).
+window queries of 3 layers x 4 heads of the --draft preset (qwen2.5-0.5b) on its K cache, with the
+rows' log-sum-exp given (the draft's own attention keeps it), one `attention_scores_layers` launch
+(one layer's buffers passed for all 3: the same bytes from memory); target estimation: one query row
+on 1 layer x 4 heads of the target. Selection share = (draft + target + select) / (layers x one
+layer's sparse_verify): the selection runs once per step and its index serves every target layer
+(layers from the preset).
 
 Bytes floors: FLOORS below (also written into each result file). Copy bandwidth counts the bytes
 read plus the bytes written by one large copy (1 GiB on CUDA, 256 MiB on CPU; launched plainly, see
@@ -53,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dustin_kernels  # noqa: E402
-from dustin_kernels import attention_scores, dense_verify, dispatch, select_tokens, sparse_verify  # noqa: E402
+from dustin_kernels import (attention_scores, attention_scores_layers, dense_verify, dispatch,  # noqa: E402
+                            select_tokens, sparse_verify)
 from dustin_kernels import codegen  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
 from dustin_kernels.timing import CPU_FLUSH_BYTES, QUANTILES, QuantileTimer, copy_gbs, git_commit  # noqa: E402
@@ -74,6 +77,8 @@ FLOORS = {  # what each row's `bytes` counts: reads and writes once, no split-KV
                         "kernel reads them twice: at most 50% of this floor's bandwidth; ONE_PASS reads them once "
                         "and adds 8 bytes per row and block), the chosen q rows, seq_lens, the float32 "
                         "[B, ceil(N_max / block_size)] output",
+    "attention_scores_layers": "per layer, the valid K rows of the used KV heads once, the chosen q rows and "
+                               "their float32 log-sum-exp; seq_lens and the float32 output once",
     "select_tokens": "both float32 score rows over the history blocks once, seq_lens, idx, count",
 }
 FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batch", "context", "budget",
@@ -263,23 +268,28 @@ class Bench:
         dense_bytes = verify_floor(self.shape, B, T, B * (C + T), self.esize)
         dense = self.dense_rows(B, C, q, k, v, seq_lens, dense_bytes)
 
-        # the selection's inputs: draft lookahead (one draft layer, T rows) and target estimation (one row)
+        # the selection's inputs: draft lookahead (DRAFT_LAYERS draft layers, T rows, lse given) and target
+        # estimation (one row)
         q_draft, k_draft = buf.q_draft[:B], buf.k_draft[:B, :, :n]
         q_last, last_lens = buf.q_last[:B], seq_lens - (T - 1)
-        s_draft = attention_scores(q_draft, k_draft, seq_lens, heads=self.draft_heads, block_size=self.bs,
-                                   backend=self.backend)
+        _, lse_draft = dense_verify(q_draft, k_draft, k_draft, seq_lens, return_lse=True, backend=self.backend)
+        layers = dict(qs=[q_draft] * DRAFT_LAYERS, k_caches=[k_draft] * DRAFT_LAYERS, lses=[lse_draft] * DRAFT_LAYERS)
+        s_draft = attention_scores_layers(**layers, seq_lens=seq_lens, heads=[self.draft_heads] * DRAFT_LAYERS,
+                                          block_size=self.bs, backend=self.backend)
         s_target = attention_scores(q_last, k, last_lens, heads=self.target_heads, block_size=self.bs,
                                     backend=self.backend)
-        scores = self.impl["attention_scores"]
+        one_layer = scores_floor(self.draft, self.draft_heads, T, B * (C + T), B, 0, self.esize) - 4 * B
         draft_row = self.record(
-            "attention_scores[draft]", self.backend, B, C, None,
-            scores_floor(self.draft, self.draft_heads, T, B * (C + T), B, s_draft.shape[1], self.esize),
-            lambda: scores(q_draft, k_draft, seq_lens, self.draft_heads, self.bs, self.draft_scale))
+            "attention_scores_layers[draft]", self.backend, B, C, None,
+            DRAFT_LAYERS * (one_layer + 4 * B * len(self.draft_heads) * T) + 4 * B * (s_draft.shape[1] + 1),
+            lambda: scores_ops._attention_scores_layers_into(
+                *layers.values(), seq_lens, s_draft, list(self.draft_heads) * DRAFT_LAYERS,
+                [len(self.draft_heads)] * DRAFT_LAYERS, self.bs, self.draft_scale, self.backend))
         target_row = self.record(
             "attention_scores[target]", self.backend, B, C, None,
             scores_floor(self.shape, self.target_heads, 1, B * (C + 1), B, s_target.shape[1], self.esize),
-            lambda: scores(q_last, k, last_lens, self.target_heads, self.bs, self.scale))
-        scores_ms = DRAFT_LAYERS * draft_row["p50_ms"] + target_row["p50_ms"]
+            lambda: self.impl["attention_scores"](q_last, k, last_lens, self.target_heads, self.bs, self.scale))
+        scores_ms = draft_row["p50_ms"] + target_row["p50_ms"]
 
         for budget in self.budgets:
             bs = self.bs
@@ -355,8 +365,8 @@ def print_tables(meta: dict, rows: list[dict]) -> None:
         print(f"{r['kernel']:24} {r['provider']:10} {r['batch']:3d} {r['context']:7d} {fmt(r['budget'], 'd', 6)} "
               f"{r['bytes'] / 2**20:9.2f} {r['p20_ms']:8.3f} {r['p50_ms']:8.3f} {r['p80_ms']:8.3f} "
               f"{r['gbps']:7.1f} {100 * r['copy_frac']:5.1f}%")
-    print(f"\nsparse_verify speedup over dense verification (p50 ratios); selection ({DRAFT_LAYERS} x draft scores "
-          f"+ target scores + select) as a share of a step's sparse attention (one sparse_verify per target layer)")
+    print(f"\nsparse_verify speedup over dense verification (p50 ratios); selection (draft scores of {DRAFT_LAYERS} "
+          f"layers + target scores + select) as a share of a step's sparse attention (one sparse_verify per target layer)")
     print(f"{'B':>3} {'context':>7} {'budget':>6} {'sparse ms':>9} {'%copy':>6} {'x dense':>8} {'ideal':>7} "
           f"{'floor':>7} {'x sdpa':>7} {'x flash':>7} {'x finfer':>8} {'select ms':>9} {'share':>8}")
     for r in (r for r in rows if r["kernel"] == "sparse_verify"):
