@@ -167,7 +167,7 @@ def _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scal
     mod, config, workspace = resolved
     B = q.shape[0]
     splits = config["num_splits"]
-    ws_o, ws_lse, arrived = workspace or (lse, lse, seq_lens)
+    ws_o, ws_lse, arrived = workspace or (lse, lse, seq_lens)  # NUM_SPLITS == 1 never touches them
     indexed = [idx, count] if idx is not None else []
     table = [block_table] if block_table is not None else []
     extra = ([idx.stride(0), idx.shape[1]] if idx is not None else []) + [t.stride(0) for t in table]
