@@ -49,6 +49,6 @@ def test_algorithm_switches_compile_without_spills(tmp_path):
     done = subprocess.run([sys.executable, "-c", SWITCHES_AOT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert len(rows) == 2 * (3 * 2 + 2 * 2)
+    assert len(rows) == 2 * (3 * 2 + 2)  # sparse_verify merges its splits in the one kernel
     for r in rows:
         assert not r["error"] and r["spill_bytes"] == 0 and r["registers"] > 0, r
