@@ -2,12 +2,10 @@
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline down to a
 cubin (ptxas ships in the triton wheel); `cuobjdump -res-usage` then reports registers, spill stack
-and shared memory. Each op module (`dustin_kernels/ops/*.py`) provides:
-
-- `aot_specs(arch) -> list[KernelSpec]`: the specs to check for an arch (model shapes of
-  `dustin_kernels.shapes.PRESETS`, the window sizes and block sizes it supports);
-- `aot_kernels(spec, config) -> list[AotKernel]`: its jit functions with argument types and constexprs;
-- `default_config(spec, *, batch, context) -> dict`: the config checked here.
+and shared memory. Each op family's descriptor (`family.family(kernel)`, `ops/<op>.py`'s `FAMILY`)
+gives the launches to check for an arch (`aot_launches`: the model shapes of `dustin_kernels.shapes.PRESETS`
+at the headline batch and context, the window and block sizes it supports), their default configs
+(`default_config(launch)`) and its jit functions with argument types (`aot_kernels`).
 
     python -m dustin_kernels.aot                 # every kernel family, default configs, model shapes
     python -m dustin_kernels.aot sparse_verify --json report.json
@@ -29,14 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .spec import KernelSpec
+from .family import family
+from .spec import KERNELS, KernelSpec
 
 CAPABILITY = {"sm80": 80, "sm90": 90}
-BATCH, CONTEXT = 16, 32768  # the default configs are checked at the headline bucket
-KNOWN_SPILLS = {  # (spec uri, function): why it is accepted (README, "AOT report")
-    ("sparse_verify_sm80_bf16_d256_g8_t5_bs1", "sparse_verify_fwd"):
-        "head dim 256 with group 8 spills on sm80 at every config tried (sm90 does not)",
-}
+KNOWN_SPILLS: dict = {}  # (spec uri, function) -> why it is accepted (README, "AOT report"); none today
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +43,14 @@ class AotKernel:
     num_warps: int = 4
     num_stages: int = 2
     aligned: tuple = ()  # int args taken as multiples of 16, as the JIT assumes of such values (row strides)
+
+    @classmethod
+    def of(cls, fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, aligned=()) -> "AotKernel":
+        """`fn` with the signature read from its own argument names: the `constexprs` given (those it
+        takes), the other arguments typed by `types` (name -> type), "i32" where not named there."""
+        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+        return cls(fn, signature, constexprs, num_warps, num_stages, tuple(aligned))
 
     def attrs(self) -> dict:
         """Divisibility hints the JIT would derive at run time: pointers (torch allocations are 16-byte
@@ -114,37 +117,29 @@ def check(spec: KernelSpec, config: dict, aot_kernels) -> list[AotResult]:
     return results
 
 
-FAMILIES = {"attention_scores": "scores", "select_tokens": "select", "sparse_verify": "verify"}
-
-
-def op_module(kernel: str):
-    import importlib
-    return importlib.import_module(f"dustin_kernels.ops.{FAMILIES[kernel]}")
-
-
-def specs(kernels=tuple(FAMILIES), archs=tuple(CAPABILITY), limit: int | None = None) -> list:
-    """(op module, spec) of every spec checked: the first `limit` of each kernel family and arch."""
-    return [(op_module(kernel), spec) for kernel in kernels for arch in archs
-            for spec in op_module(kernel).aot_specs(arch)[:limit]]
+def launches(kernels=KERNELS, archs=tuple(CAPABILITY), limit: int | None = None) -> list:
+    """(family, launch) of every launch checked: the first `limit` of each kernel family and arch."""
+    return [(family(kernel), launch) for kernel in kernels for arch in archs
+            for launch in family(kernel).aot_launches(arch)[:limit]]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dustin_kernels.aot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernel", nargs="*", help=f"kernel families, of {list(FAMILIES)} (default: all)")
+    parser.add_argument("kernel", nargs="*", help=f"kernel families, of {list(KERNELS)} (default: all)")
     parser.add_argument("--arch", nargs="+", choices=list(CAPABILITY), default=list(CAPABILITY))
     parser.add_argument("--quick", action="store_true", help="only the first two specs per kernel and arch")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    unknown = set(args.kernel) - set(FAMILIES)
+    unknown = set(args.kernel) - set(KERNELS)
     if unknown:
-        parser.error(f"kernel: expected some of {list(FAMILIES)}, got {sorted(unknown)}")
+        parser.error(f"kernel: expected some of {list(KERNELS)}, got {sorted(unknown)}")
     os.environ.pop("TRITON_INTERPRET", None)
     rows, failed, known = [], 0, 0
-    todo = specs(args.kernel or list(FAMILIES), args.arch, limit=2 if args.quick else None)
+    todo = launches(args.kernel or KERNELS, args.arch, limit=2 if args.quick else None)
     print(f"{'':10}{'spec':58} {'function':18} {'regs':>5} {'spill B':>8} {'smem B':>8}  config", flush=True)
-    for i, (module, spec) in enumerate(todo, 1):
-        for r in check(spec, module.default_config(spec, batch=BATCH, context=CONTEXT), module.aot_kernels):
+    for i, (fam, launch) in enumerate(todo, 1):
+        for r in check(launch.spec, fam.default_config(launch), fam.aot_kernels):
             why = KNOWN_SPILLS.get((r.uri, r.function)) if r.spill_bytes and not r.error else None
             rows.append({**dataclasses.asdict(r), "known_spill": why or ""})
             known += bool(why)

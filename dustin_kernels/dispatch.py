@@ -4,15 +4,15 @@ Backend: `None` picks "triton" for CUDA tensors and "torch" for CPU tensors. "tr
 runs the same kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before triton is
 imported.
 
-Launch config (`config_for`, called by every Triton launcher): the perf DB (`dustin_kernels.perf_db`,
-folder `$DUSTIN_PERF_DB` or the package's) is searched along the chain
+Launch config (`config_for(launch, default)`, called by every Triton launcher with a `spec.Launch`):
+the perf DB (`dustin_kernels.perf_db`, folder `$DUSTIN_PERF_DB` or the package's) is searched along the chain
 
     this GPU's file -> files of the same family (H200 / H200 NVL, H100 SXM / PCIe / NVL, ...)
-    -> any file of the same arch -> the op's documented `default_config` rule,
+    -> any file of the same arch -> the op's documented `default_config(launch)` rule,
 
-for an entry of the spec's uri at the batch bucket (next power of two); among that file's context
-buckets the nearest in log space wins. A fallback or a miss warns once per (spec, batch bucket,
-device) and misses are counted (`misses()`). A corrupt or truncated file (or anything but a regular
+for an entry of the spec's uri at the launch's batch bucket (next power of two) and KV heads; among
+that file's context buckets the nearest in log space wins. A fallback or a miss warns once per
+(spec, batch bucket, KV heads, device) and misses are counted (`misses()`). A corrupt or truncated file (or anything but a regular
 file) warns and is ignored (the next level or the default rule is used); an entry whose config breaks
 its kernel's search space (`perf_db.config_errors`) warns and gives the default rule; entries tuned
 for an older template are used, with a warning. Files are read once per process (`reset()` forgets
@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import perf_db
+from .spec import Launch
 
 BACKENDS = ("torch", "triton")
 
@@ -72,7 +73,7 @@ def arch_for(device: torch.device) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
-    """A resolved DB lookup: the entries of one file for one (uri, batch bucket)."""
+    """A resolved DB lookup: the entries of one file for one (uri, batch bucket, kv heads)."""
     level: str  # "device" | "family" | "arch"
     device: str  # the file's device slug
     contexts: tuple  # ((log2 context bucket, config), ...)
@@ -90,11 +91,11 @@ class _State:
         self.device: str | None = None  # using(device=...): the slug of a GPU name to pretend
         self.overrides: list = []  # [(kernel | KernelSpec | None, config)]
         self.recordings: list = []
-        self.tables: dict = {}  # (db, kernel, arch) -> {device slug: {uri: {batch bucket: [(ctx, config)]}}}
-        self.hits: dict = {}  # (db, spec, device slug, batch bucket) -> Hit | None
+        self.tables: dict = {}  # (db, kernel, arch) -> {slug: {uri: {(batch bucket, kv heads): [(ctx, config)]}}}
+        self.hits: dict = {}  # (db, spec, device slug, batch bucket, kv heads) -> Hit | None
         self.cuda_names: dict = {}  # device index -> slug
         self.warned: set = set()
-        self.misses: Counter = Counter()  # (spec, batch bucket, device slug) -> calls (formatted by misses())
+        self.misses: Counter = Counter()  # (spec, batch bucket, kv heads, device slug) -> calls (see misses())
 
 
 _state = _State()
@@ -120,8 +121,9 @@ def reset() -> None:
 
 
 def misses() -> dict:
-    """Calls that fell back to the default rule, by '<uri>|b<batch bucket>|<device>'."""
-    return {f"{spec.uri()}|b{bucket}|{slug}": n for (spec, bucket, slug), n in _state.misses.items()}
+    """Calls that fell back to the default rule, by '<uri>|b<batch bucket>[|h<kv heads>]|<device>'."""
+    return {f"{spec.uri()}|b{bucket}{f'|h{heads}' if heads else ''}|{slug}": n
+            for (spec, bucket, heads, slug), n in _state.misses.items()}
 
 
 @contextlib.contextmanager
@@ -140,7 +142,7 @@ def override(config: dict, *, kernel: str | None = None, spec=None):
 
 @contextlib.contextmanager
 def record():
-    """Yields a list that collects (spec, batch, context, default) of every `config_for` call in the block."""
+    """Yields a list that collects (launch, default) of every `config_for` call in the block."""
     calls: list = []
     _state.recordings.append(calls)
     try:
@@ -176,31 +178,32 @@ def device_slug(arch: str, device: torch.device | None = None) -> str:
     return slug
 
 
-def config_for(spec, batch: int, context: int, default: Callable[..., dict], device=None) -> dict:
-    """Launch config for `spec` at this batch and context (see the module docstring for the chain).
+def config_for(launch: Launch, default: Callable[[Launch], dict], device=None) -> dict:
+    """Launch config of `launch` (see the module docstring for the chain).
 
-    `default(spec, batch=, context=)` is the op's documented rule; `device` (a torch.device) picks the
-    GPU whose DB file is read (default: the current CUDA device)."""
+    `default(launch)` is the op's documented rule; `device` (a torch.device) picks the GPU whose DB file
+    is read (default: the current CUDA device)."""
     for calls in _state.recordings:
-        calls.append((spec, batch, context, default))
+        calls.append((launch, default))
+    spec = launch.spec
     for target, config in reversed(_state.overrides):
         if target is None or target == spec or target == spec.kernel:
             return dict(config)
     slug = device_slug(spec.arch, device)
-    bucket = perf_db.batch_bucket(batch)
-    key = (_root(), spec, slug, bucket)
+    bucket = perf_db.batch_bucket(launch.batch)
+    key = (_root(), spec, slug, bucket, launch.kv_heads)
     hit = _state.hits.get(key, _UNRESOLVED)
     if hit is _UNRESOLVED:
-        hit = _state.hits[key] = _resolve(spec, slug, bucket)
-    config = hit.config(context) if hit is not None else None
+        hit = _state.hits[key] = _resolve(spec, slug, bucket, launch.kv_heads)
+    config = hit.config(launch.context) if hit is not None else None
     if config is not None:
         return dict(config)
-    _state.misses[spec, bucket, slug] += 1  # no string formatting per call: misses() names them
-    return default(spec, batch=batch, context=context)
+    _state.misses[spec, bucket, launch.kv_heads, slug] += 1  # no string formatting per call: misses() names them
+    return default(launch)
 
 
-def _resolve(spec, slug: str, bucket: int) -> Hit | None:
-    """First file along the chain with entries for (uri, batch bucket)."""
+def _resolve(spec, slug: str, bucket: int, kv_heads: int) -> Hit | None:
+    """First file along the chain with entries for (uri, batch bucket, kv heads)."""
     table = _table(spec.kernel, spec.arch)
     family = perf_db.device_family(slug)
     others = sorted(d for d in table if d != slug)
@@ -208,25 +211,25 @@ def _resolve(spec, slug: str, bucket: int) -> Hit | None:
         ("family", d) for d in others if perf_db.device_family(d) == family] + [
         ("arch", d) for d in others if perf_db.device_family(d) != family]
     uri = spec.uri()
-    where = f"{uri} at batch bucket {bucket} on {slug}"
+    where = f"{uri} at batch bucket {bucket}{f' with {kv_heads} KV heads' if kv_heads else ''} on {slug}"
     for level, device in chain:
-        rows = table[device].get(uri, {}).get(bucket)
+        rows = table[device].get(uri, {}).get((bucket, kv_heads))
         if not rows:
             continue
         if level != "device":
-            _warn_once(("fallback", uri, bucket, slug),
+            _warn_once(("fallback", uri, bucket, kv_heads, slug),
                        f"perf DB: no entry for {where} in {db_root()}; using the one tuned on {device} "
                        f"(same {'family' if level == 'family' else 'arch'})")
         return Hit(level, device, tuple((math.log2(ctx), config) for ctx, config in sorted(rows)))
     if spec.arch != "interp":  # the interpreter's configs are not performance settings: no warning
-        _warn_once(("miss", uri, bucket, slug),
+        _warn_once(("miss", uri, bucket, kv_heads, slug),
                    f"perf DB: no tuned config for {where} ({spec.arch}) in {db_root()}; using the default rule "
                    f"of {spec.kernel} (run `python -m dustin_kernels.autotune` on this GPU)")
     return None
 
 
 def _table(kernel: str, arch: str) -> dict:
-    """{device slug: {uri: {batch bucket: [(context bucket, config)]}}} of the files of (kernel, arch)."""
+    """{device slug: {uri: {(batch bucket, kv heads): [(context bucket, config)]}}} of the files of (kernel, arch)."""
     key = (_root(), kernel, arch)
     if key not in _state.tables:
         _state.tables[key] = _load(kernel, arch)
@@ -244,8 +247,9 @@ def _load(kernel: str, arch: str) -> dict:
                 raise perf_db.PerfDBError(f"{path}: holds {doc['kernel']}/{doc['arch']}/{doc['device']}")
             rows: dict = {}
             for entry_key, entry in doc["entries"].items():
-                uri, batch, context = perf_db.parse_key(entry_key)
-                rows.setdefault(uri, {}).setdefault(batch, []).append((context, _checked(path, entry_key, entry)))
+                uri, batch, context, kv_heads = perf_db.parse_key(entry_key)
+                rows.setdefault(uri, {}).setdefault((batch, kv_heads), []).append(
+                    (context, _checked(path, entry_key, entry)))
         except perf_db.PerfDBError as exc:
             _warn_once(("file", str(path)), f"perf DB: {exc}; file ignored, default rules used instead")
             continue

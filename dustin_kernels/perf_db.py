@@ -5,14 +5,14 @@ Layout: `perf_db/<kernel>/<arch>/<device>.json` (shipped in the package as `dust
 (`NVIDIA H100 80GB HBM3` -> `nvidia_h100_80gb_hbm3`; `cpu` for interpreter runs). A file:
 
     {"_meta": {provenance of the run that last wrote it: GPU, clocks, versions, commit, sampler...},
-     "arch": "sm90", "device": "nvidia_h200", "entries": {"<uri>|b<batch>|c<context>": {...}},
+     "arch": "sm90", "device": "nvidia_h200", "entries": {"<uri>|b<batch>|c<context>[|h<kv heads>]": {...}},
      "kernel": "sparse_verify", "schema_version": 1}
 
 An entry holds the winning config, its median and IQR (us), GB/s and fraction of the measured copy
 bandwidth, the runner-up, the default rule's config and time, the template hash, date, trials and
-the workload it was timed on. Keys: the spec uri, the batch bucket (next power of two) and the context
-bucket (nearest power of two in log space) of the (batch, context) that the op's launcher passes to
-`dispatch.config_for`. Writes are validated, canonical (sorted keys) and atomic (`os.replace`).
+the workload it was timed on. Keys (`spec.Launch.key()`): the spec uri, the batch bucket (next power of
+two), the context bucket (nearest power of two in log space) and, for ops whose config depends on them,
+the KV heads, of the `Launch` that the op's launcher passes to `dispatch.config_for`. Writes are validated, canonical (sorted keys) and atomic (`os.replace`).
 The JSON Schema is `perf_db/schema.json`.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from .spec import KERNELS, next_pow2
 
 SCHEMA_VERSION = 1
-_KEY = re.compile(r"^([a-z0-9_]+)\|b([1-9][0-9]*)\|c([1-9][0-9]*)$")
+_KEY = re.compile(r"^([a-z0-9_]+)\|b([1-9][0-9]*)\|c([1-9][0-9]*)(?:\|h([1-9][0-9]*))?$")
 
 
 class PerfDBError(ValueError):
@@ -61,17 +61,18 @@ def context_bucket(context: int) -> int:
     return 1 << max(0, round(math.log2(max(1, int(context)))))
 
 
-def entry_key(uri: str, batch: int, context: int) -> str:
-    """DB key of a spec at a (batch, context); both are bucketed here."""
-    return f"{uri}|b{batch_bucket(batch)}|c{context_bucket(context)}"
+def entry_key(uri: str, batch: int, context: int, kv_heads: int = 0) -> str:
+    """DB key of a spec at a (batch, context, kv_heads); batch and context are bucketed here, kv_heads 0 is
+    left out (an op whose config does not depend on it)."""
+    return f"{uri}|b{batch_bucket(batch)}|c{context_bucket(context)}" + (f"|h{kv_heads}" if kv_heads else "")
 
 
-def parse_key(key: str) -> tuple[str, int, int]:
-    """(uri, batch bucket, context bucket) of a DB key."""
+def parse_key(key: str) -> tuple[str, int, int, int]:
+    """(uri, batch bucket, context bucket, kv heads or 0) of a DB key."""
     found = _KEY.match(key)
     if not found:
-        raise PerfDBError(f"entry key: expected '<uri>|b<batch>|c<context>', got {key!r}")
-    return found.group(1), int(found.group(2)), int(found.group(3))
+        raise PerfDBError(f"entry key: expected '<uri>|b<batch>|c<context>[|h<kv heads>]', got {key!r}")
+    return found.group(1), int(found.group(2)), int(found.group(3)), int(found.group(4) or 0)
 
 
 def device_slug(name: str) -> str:
@@ -134,9 +135,9 @@ def config_errors(key: str, config: dict) -> list[str]:
     space's parameters exactly, each at one of its values, every constraint holding for the entry's spec
     at its batch bucket and the largest context of its context bucket. Empty when the config is usable."""
     from .autotune import space
-    from .spec import KernelSpec
+    from .spec import KernelSpec, Launch
 
-    uri, batch, context = parse_key(key)
+    uri, batch, context, kv_heads = parse_key(key)
     try:
         spec = KernelSpec.from_uri(uri)
     except ValueError as exc:
@@ -147,7 +148,7 @@ def config_errors(key: str, config: dict) -> list[str]:
         return [f"expected the parameters {sorted(kernel_space.params)}, got {sorted(keys)}"]
     errors = [f"{name}: expected one of {values}, got {config[name]!r}" for name, values in kernel_space.params.items()
               if type(config[name]) is not int or config[name] not in values]  # 64.0 and True are not ints here
-    env = space.variables(spec, batch, int(context * 2 ** 0.5))  # the bucket's contexts reach context * sqrt(2)
+    env = space.variables(Launch(spec, batch, int(context * 2 ** 0.5), kv_heads))  # the bucket reaches context * sqrt(2)
     return errors or [f"violates {expr!r}" for expr in kernel_space.violated(config, env)]
 
 

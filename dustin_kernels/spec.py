@@ -2,7 +2,8 @@
 
 A spec holds only what changes the generated code (template constants): kernel family, arch path,
 dtype, head dim, GQA group, window T, block size and variant. Launch settings that do not change the
-code (tile sizes, warps, stages, split count) are a separate `config` dict, chosen by dispatch.
+code (tile sizes, warps, stages, split count) are a separate `config` dict, chosen by dispatch for a
+`Launch`: the spec and the problem size the config depends on, which is also the perf-DB entry key.
 """
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ class KernelSpec:
             else:
                 kw["variant"] = part
         return cls(kernel, arch, dtype, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A kernel launch as dispatch sees it: the spec and the problem size its launch config is chosen by.
+
+    batch: sequences; context: what one sequence's loop walks (each op's `default_config` says which);
+    kv_heads: the KV heads of the grid for the ops whose config depends on them (sparse_verify's split
+    count), else 0. Each op builds its Launch with one function (`ops.<op>.launch`), which its launcher
+    and the tuner's workloads both call. `key()` is its perf-DB entry key.
+    """
+    spec: KernelSpec
+    batch: int
+    context: int
+    kv_heads: int = 0
+
+    def key(self) -> str:
+        from .perf_db import entry_key
+
+        return entry_key(self.spec.uri(), self.batch, self.context, self.kv_heads)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from dustin_kernels.aot import FAMILIES
+from dustin_kernels.spec import KERNELS
 
 
-@pytest.mark.parametrize("kernel", list(FAMILIES))
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_default_configs_compile_without_spills(kernel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real GPU code, not the interpreter
     env["DUSTIN_CACHE_DIR"] = str(tmp_path)
@@ -27,16 +27,16 @@ SWITCHES_AOT = """
 import json, sys
 from dustin_kernels import aot
 from dustin_kernels.ops import scores, verify
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KernelSpec, Launch
 rows = []
 for arch in ("sm80", "sm90"):
     for d, g, t, bs in [(128, 1, 1, 1), (64, 2, 5, 1), (128, 4, 5, 16)]:  # estimate, lookahead, blocks
         spec = KernelSpec("attention_scores", arch, "bf16", d, g, t, bs)
-        config = {**scores.default_config(spec, batch=16, context=32768), "ONE_PASS": 1}
+        config = {**scores.default_config(Launch(spec, 16, 32768)), "ONE_PASS": 1}
         rows += [r.__dict__ for r in aot.check(spec, config, scores.aot_kernels)]
     for d, g, t in [(128, 8, 5), (64, 7, 5)]:  # the headline verification shapes
         spec = KernelSpec("sparse_verify", arch, "bf16", d, g, t, 1)
-        config = {**verify.default_config(spec, batch=16, context=512), "HALF_PARTIALS": 1, "num_splits": 2}
+        config = {**verify.default_config(Launch(spec, 16, 512, 8)), "HALF_PARTIALS": 1, "num_splits": 2}
         rows += [r.__dict__ for r in aot.check(spec, config, verify.aot_kernels)]
 json.dump(rows, sys.stdout)
 """

@@ -12,7 +12,7 @@ from conftest import TOLERANCES
 
 from dustin_kernels import attention_scores, dispatch, ref
 from dustin_kernels.ops import scores
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KernelSpec, Launch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTHS = {"short": ((27, 113, 61), 120), "long": ((300, 181), 320)}  # ragged, not multiples of a block
@@ -81,7 +81,7 @@ def test_triton_matches_reference(dtype, head_dim, group, window, block_size, he
     q, k, seq_lens = _problem(dtype, head_dim, group, window, lengths)
     heads = _heads(heads, q.shape[1], group)
     spec = KernelSpec("attention_scores", "interp", dtype, head_dim, group, window, block_size)
-    config = scores.default_config(spec, batch=len(seq_lens), context=k.shape[2])
+    config = scores.default_config(Launch(spec, len(seq_lens), k.shape[2]))
     # ONE_PASS sums whole blocks per row_lse tile: LSE_BLOCK_N a multiple of the block size
     config |= {"ONE_PASS": one_pass, "LSE_BLOCK_N": max(config["LSE_BLOCK_N"], block_size)}
     with dispatch.override(config, kernel="attention_scores"):
@@ -195,7 +195,7 @@ def test_default_config_rule(arch, dtype, block_size):
     spec = KernelSpec("attention_scores", arch, dtype, 128, 8, 16, block_size)
     for batch in (1, 16, 64):
         for context in (100, 32_768, 131_072):
-            config = scores.default_config(spec, batch=batch, context=context)
+            config = scores.default_config(Launch(spec, batch, context))
             splits = config["NUM_SPLITS"]
             assert 1 <= splits <= 16 and splits & (splits - 1) == 0
             assert config["BLOCK_N"] % block_size == 0 and min(config["BLOCK_N"], config["LSE_BLOCK_N"]) >= 16
@@ -203,7 +203,7 @@ def test_default_config_rule(arch, dtype, block_size):
 
 def test_aot_signatures_name_every_argument():
     spec = KernelSpec("attention_scores", "sm90", "bf16", 128, 4, 5, 16)
-    config = scores.default_config(spec, batch=16, context=32_768)
+    config = scores.default_config(Launch(spec, 16, 32_768))
     for kernel in scores.aot_kernels(spec, config):
         assert list(kernel.signature) == list(kernel.fn.arg_names)
         assert {a for a, t in kernel.signature.items() if t == "constexpr"} == set(kernel.constexprs)

@@ -15,7 +15,7 @@ from conftest import TOLERANCES
 from dustin_kernels import dense_verify, dispatch, perf_db, ref
 from dustin_kernels.ops import scores
 from dustin_kernels.ops.scores import attention_scores, attention_scores_layers
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KernelSpec, Launch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTHS = {"short": ((27, 113, 61), 120), "long": ((300, 181), 320)}  # ragged, not multiples of a block
@@ -105,7 +105,7 @@ def test_triton_is_one_launch_of_layer_scores():
     qs, ks, seq_lens, lses = _layers("fp32", 64, 2, 5, 3)
     with dispatch.record() as calls:
         attention_scores_layers(qs, ks, seq_lens, heads=[[0], [0, 1], [2]], lses=lses, backend="triton")
-    assert [spec.uri() for spec, *_ in calls] == ["attention_scores_interp_fp32_d64_g2_t5_bs1_layers3"]
+    assert [launch.spec.uri() for launch, _ in calls] == ["attention_scores_interp_fp32_d64_g2_t5_bs1_layers3"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,7 +142,7 @@ def test_gpu_flavours_in_interpreter(arch, dtype, monkeypatch):
     qs, ks, seq_lens, lses = _layers(dtype, 80, 4, 5, 2, "long")
     heads = [[5, 0, 7, 6], [3]]
     spec = KernelSpec("attention_scores", arch, dtype, 80, 3, 5, 16, "layers2")
-    with dispatch.override(scores.default_config(spec, batch=2, context=320), kernel="attention_scores"):
+    with dispatch.override(scores.default_config(Launch(spec, 2, 320)), kernel="attention_scores"):
         out = attention_scores_layers(qs, ks, seq_lens, heads=heads, lses=lses, block_size=16, backend="triton")
     _check(out, qs, ks, seq_lens, heads, 16)
 
@@ -151,8 +151,8 @@ def test_gpu_flavours_in_interpreter(arch, dtype, monkeypatch):
 def test_triton_launch_configs(block_n):
     qs, ks, seq_lens, lses = _layers("fp32", 64, 2, 5, 2, "long")
     heads = [[0, 3], [2]]
-    config = scores.default_config(KernelSpec("attention_scores", "interp", "fp32", 64, 2, 5, 16, "layers2"),
-                                   batch=2, context=320) | {"BLOCK_N": block_n}
+    spec = KernelSpec("attention_scores", "interp", "fp32", 64, 2, 5, 16, "layers2")
+    config = scores.default_config(Launch(spec, 2, 320)) | {"BLOCK_N": block_n}
     with dispatch.override(config, kernel="attention_scores"):
         out = attention_scores_layers(qs, ks, seq_lens, heads=heads, lses=lses, block_size=16, backend="triton")
     _check(out, qs, ks, seq_lens, heads, 16)
@@ -160,8 +160,8 @@ def test_triton_launch_configs(block_n):
 
 def test_block_n_needs_whole_blocks():
     qs, ks, seq_lens, lses = _layers("fp32", 64, 1, 1, 1)
-    config = scores.default_config(KernelSpec("attention_scores", "interp", "fp32", 64, 1, 1, 32, "layers1"),
-                                   batch=3, context=120) | {"BLOCK_N": 16}
+    spec = KernelSpec("attention_scores", "interp", "fp32", 64, 1, 1, 32, "layers1")
+    config = scores.default_config(Launch(spec, 3, 120)) | {"BLOCK_N": 16}
     with dispatch.override(config, kernel="attention_scores"), pytest.raises(ValueError, match="BLOCK_N=16"):
         attention_scores(qs[0], ks[0], seq_lens, block_size=32, lse=lses[0], backend="triton")
 
@@ -199,15 +199,15 @@ def test_custom_op_compiles_fullgraph(backend):
 def test_default_config_is_within_the_search_space():
     """A layers variant's default config could be stored in the perf DB as it is (all keys, valid values)."""
     for arch in ("sm80", "sm90"):
-        for spec in scores.aot_specs(arch):
-            config = scores.default_config(spec, batch=16, context=32_768)
-            assert perf_db.config_errors(perf_db.entry_key(spec.uri(), 16, 32_768), config) == []
-            assert config["BLOCK_N"] % spec.block_size == 0
+        for launch in scores.aot_launches(arch):
+            config = scores.default_config(launch)
+            assert perf_db.config_errors(launch.key(), config) == []
+            assert config["BLOCK_N"] % launch.spec.block_size == 0
 
 
 def test_aot_signatures_name_every_argument():
     spec = KernelSpec("attention_scores", "sm90", "bf16", 64, 2, 5, 1, "layers3")
-    (kernel,) = scores.aot_kernels(spec, scores.default_config(spec, batch=16, context=32_768))
+    (kernel,) = scores.aot_kernels(spec, scores.default_config(Launch(spec, 16, 32_768)))
     assert kernel.fn.__name__ == "layer_scores"
     assert list(kernel.signature) == list(kernel.fn.arg_names)
     assert {a for a, t in kernel.signature.items() if t == "constexpr"} == set(kernel.constexprs)

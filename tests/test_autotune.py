@@ -1,5 +1,6 @@
 """The autotuner: search spaces as data, the search on a simulated timing table, the --interpret
 pipeline end to end (and --resume), the CLI without a GPU, and tools/perf_check.py's CPU part."""
+import dataclasses
 import itertools
 import json
 import math
@@ -12,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dustin_kernels import aot, dispatch, perf_db
+from dustin_kernels import dispatch, perf_db
 from dustin_kernels.autotune import search, space
 from dustin_kernels.autotune.workloads import Workload, from_grid
+from dustin_kernels.family import family
 from dustin_kernels.shapes import PRESETS
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KERNELS, KernelSpec, Launch
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("attention_scores", "select_tokens", "sparse_verify")
 
 
 # --- search spaces ----------------------------------------------------------------------------------
@@ -27,12 +28,12 @@ KERNELS = ("attention_scores", "select_tokens", "sparse_verify")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_space_params_are_the_ops_config_keys(kernel):
     """A tuned config must be usable by the op: same keys as its default rule, for every arch."""
-    module = aot.op_module(kernel)
+    fam = family(kernel)
     params = set(space.load_space(kernel).params)
     for arch in ("sm80", "sm90", "interp"):
-        for spec in module.aot_specs("sm90")[:4]:
-            spec = KernelSpec.from_uri(spec.uri().replace("_sm90_", f"_{arch}_"))
-            assert set(module.default_config(spec, batch=16, context=32768)) == params, (arch, spec.uri())
+        for launch in fam.aot_launches("sm90")[:4]:
+            launch = dataclasses.replace(launch, spec=dataclasses.replace(launch.spec, arch=arch))
+            assert set(fam.default_config(launch)) == params, (arch, launch.key())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -41,9 +42,8 @@ def test_spaces_have_valid_configs_for_the_headline_shape(kernel):
     shape = PRESETS["qwen2.5-72b"]
     for name in grid["workloads"][kernel]:
         w = Workload(name, shape.q_heads, shape.kv_heads, shape.head_dim, "bf16", 5, 1, 16, 32768)
-        spec, batch, context = w.dispatch_key("sm90")
         kernel_space = space.load_space(kernel)
-        configs = kernel_space.enumerate_configs(space.variables(spec, batch, context))
+        configs = kernel_space.enumerate_configs(space.variables(w.launch("sm90")))
         assert 10 <= len(configs) <= kernel_space.size, (name, len(configs))
         assert all(kernel_space.contains(c) for c in configs)
 
@@ -80,14 +80,15 @@ def test_space_file_schema_is_enforced():
 
 
 def test_headline_grid_buckets():
-    """The DB keys of the headline grid: sparse_verify's reads the budget whatever the history, and the
-    draft lookahead runs on the draft's shape (qwen2.5-0.5b: 4 of 14 heads spread over 2 KV heads)."""
+    """The DB keys of the headline grid: sparse_verify's reads the budget whatever the history, with its 8
+    KV heads in the key, and the draft lookahead (3 layers, lse given) runs on the draft's shape
+    (qwen2.5-0.5b: 4 of 14 heads spread over 2 KV heads)."""
     keys = {w.db_key("sm90") for w in from_grid(space.load_grid(), "headline", KERNELS)}
     contexts = (8192, 16384, 32768)
-    assert keys == {"sparse_verify_sm90_bf16_d128_g8_t5_bs1|b16|c512",
-                    *(f"sparse_verify_sm90_bf16_d128_g8_t5_bs1_dense|b16|c{c}" for c in contexts),
+    assert keys == {"sparse_verify_sm90_bf16_d128_g8_t5_bs1|b16|c512|h8",
+                    *(f"sparse_verify_sm90_bf16_d128_g8_t5_bs1_dense|b16|c{c}|h8" for c in contexts),
                     *(f"attention_scores_sm90_bf16_d128_g1_t1_bs1|b16|c{c}" for c in contexts),
-                    *(f"attention_scores_sm90_bf16_d64_g2_t5_bs1|b16|c{c}" for c in contexts),
+                    *(f"attention_scores_sm90_bf16_d64_g2_t5_bs1_layers3|b16|c{c}" for c in contexts),
                     *(f"select_tokens_sm90_fp32_bs1|b16|c{c}" for c in contexts)}
 
 
@@ -273,7 +274,7 @@ def test_preparer_drops_configs_that_do_not_compile_and_caches_verdicts(tmp_path
 
     monkeypatch.delenv("TRITON_INTERPRET")  # the workers compile real GPU code
     w = Workload("sparse", 8, 2, 64, "bf16", 2, 1, 2, 96, budget=32)
-    spec = w.dispatch_key("sm80")[0]
+    spec = w.launch("sm80").spec
     good = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
     bad = {**good, "BLOCK_N": 24}  # not a power of two: tl.arange refuses it
 
@@ -316,7 +317,7 @@ def sandbox():
 
     w = Workload("sparse", 8, 2, 64, "fp32", 2, 1, 2, 96, budget=32)
     prepare = measure.Preparer(torch.device("cpu"), "interp", jobs=3, use_aot=False, prepare_fn=troublesome_prepare)
-    yield prepare, w, w.dispatch_key("interp")[0]
+    yield prepare, w, w.launch("interp").spec
     prepare.close()
 
 
@@ -351,7 +352,7 @@ def test_an_unwritable_verdict_cache_warns_and_the_run_goes_on(tmp_path):
                                 prepare_fn=_verdict_only)
     config = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
     with pytest.warns(RuntimeWarning, match="AOT verdict cache .*a_file/verdicts.json: not written"):
-        assert [r["status"] for r in preparer(w, w.dispatch_key("sm80")[0], [config])] == ["ok"]
+        assert [r["status"] for r in preparer(w, w.launch("sm80").spec, [config])] == ["ok"]
 
 
 def test_sandbox_fails_only_the_config_that_kills_its_worker(sandbox):
@@ -502,11 +503,10 @@ def test_interpret_pipeline_end_to_end_and_resume(tmp_path):
         assert doc["_meta"]["gpu_name"].startswith("cpu") and doc["_meta"]["trials"] >= 1
         (key, entry), = doc["entries"].items()
         assert entry["interpret"] is True and entry["median_us"] > 0 and entry["default"]["median_us"] > 0
-        uri, batch, context = perf_db.parse_key(key)
-        spec = KernelSpec.from_uri(uri)
+        uri, batch, context, kv_heads = perf_db.parse_key(key)
+        launch = Launch(KernelSpec.from_uri(uri), batch, context, kv_heads)
         with dispatch.using(db=out):
-            assert dispatch.config_for(spec, batch, context, aot.op_module(spec.kernel).default_config) == \
-                entry["config"]
+            assert dispatch.config_for(launch, family(launch.spec.kernel).default_config) == entry["config"]
     verify = perf_db.read(out / "sparse_verify" / "interp" / "cpu.json")
     assert next(iter(verify["entries"].values()))["baseline"]["name"] == "dense_verify"
     rows = [json.loads(line) for line in (logs / "trials.jsonl").read_text().splitlines()]
@@ -538,6 +538,23 @@ def test_perf_check_fails_on_invalid_files_and_missing_coverage(tmp_path):
     assert done.returncode == 1
     assert "nvidia_h100_pcie.json: unreadable" in done.stdout
     assert "required grids are not tuned" in done.stdout and "_dense|b16|c8192" in done.stdout
+
+
+def test_perf_check_notes_the_gaps_of_a_file_tuned_for_an_older_template(tmp_path):
+    """A file whose every entry is stale cannot cover the new template's specs: its gaps are a note (retune
+    the file), and so is a kernel without a file on a device that has others; one fresh entry makes the
+    gaps a failure again."""
+    from test_perf_db import make_doc, make_entry
+
+    db = tmp_path / "db"
+    path = perf_db.path_for(db, "sparse_verify", "sm90", "nvidia_h200")
+    perf_db.write(path, make_doc(entries={k: make_entry(template_hash="0" * 16) for k in make_doc()["entries"]}))
+    done = _perf_check(tmp_path, "--db", str(db), "--no-aot")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "required grids are not tuned" in done.stdout and "every entry is stale: retune the file" in done.stdout
+    assert "note: no select_tokens file for nvidia_h200 (sm90)" in done.stdout
+    perf_db.write(path, make_doc())
+    assert _perf_check(tmp_path, "--db", str(db), "--no-aot").returncode == 1
 
 
 def test_perf_check_reports_an_entry_key_that_names_no_spec(tmp_path):

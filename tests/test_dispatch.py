@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from dustin_kernels import dispatch, perf_db
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KernelSpec, Launch
 
 from test_perf_db import CONFIG, make_doc, make_entry
 
@@ -15,8 +15,8 @@ URI = SPEC.uri()
 DEFAULT = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0}
 
 
-def default_rule(spec, *, batch, context):
-    return dict(DEFAULT, num_splits=max(1, 64 // batch))
+def default_rule(launch):
+    return dict(DEFAULT, num_splits=max(1, 64 // launch.batch))
 
 
 def put(db, device, entries, arch="sm90"):
@@ -36,8 +36,8 @@ def db(tmp_path):
         yield tmp_path
 
 
-def lookup(batch=16, context=512, spec=SPEC):
-    return dispatch.config_for(spec, batch, context, default_rule)
+def lookup(batch=16, context=512, spec=SPEC, kv_heads=0):
+    return dispatch.config_for(Launch(spec, batch, context, kv_heads), default_rule)
 
 
 def test_exact_device_hit_with_batch_bucket_and_log_space_context(db):
@@ -68,8 +68,8 @@ def test_a_context_halfway_between_two_buckets_takes_the_larger(db):
 def test_miss_falls_back_to_the_default_rule_warns_once_and_counts(db):
     put(db, "nvidia_h200", {"b16|c8192": make_entry()})
     with pytest.warns(dispatch.PerfDBWarning, match=r"no tuned config .*batch bucket 8.*default rule") as caught:
-        assert lookup(5, 8192) == default_rule(SPEC, batch=5, context=8192)
-        assert lookup(6, 8192) == default_rule(SPEC, batch=6, context=8192)  # same bucket: no second warning
+        assert lookup(5, 8192) == default_rule(Launch(SPEC, 5, 8192))
+        assert lookup(6, 8192) == default_rule(Launch(SPEC, 6, 8192))  # same bucket: no second warning
     assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
     assert dispatch.misses() == {f"{URI}|b8|nvidia_h200": 2}
 
@@ -93,14 +93,14 @@ def test_family_then_arch_fallbacks(db):
 def test_other_arch_files_are_not_used(db):
     put(db, "nvidia_a100_sxm4_80gb", {"b16|c512": make_entry(cfg(num_splits=4))}, arch="sm80")
     with pytest.warns(dispatch.PerfDBWarning, match="no tuned config"):
-        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+        assert lookup(16) == default_rule(Launch(SPEC, 16, 512))
 
 
 def test_interpreter_misses_are_counted_but_silent(db):
     spec = KernelSpec("sparse_verify", "interp", "bf16", head_dim=64, group=4, window=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert lookup(2, 32, spec) == default_rule(spec, batch=2, context=32)
+        assert lookup(2, 32, spec) == default_rule(Launch(spec, 2, 32))
     assert dispatch.misses() == {f"{spec.uri()}|b2|cpu": 1}
 
 
@@ -118,7 +118,7 @@ def test_broken_file_warns_and_the_chain_goes_on(db, damage):
     path.with_name("nvidia_h200_nvl.json").unlink()
     dispatch.reset()
     with pytest.warns(dispatch.PerfDBWarning):
-        assert lookup(16) == default_rule(SPEC, batch=16, context=512)  # and with nothing else: the default
+        assert lookup(16) == default_rule(Launch(SPEC, 16, 512))  # and with nothing else: the default
 
 
 def test_stale_entries_are_used_with_a_warning(db):
@@ -138,7 +138,7 @@ def test_stale_entries_are_used_with_a_warning(db):
 def test_entries_outside_the_search_space_give_the_default_rule(db, config, problem):
     put(db, "nvidia_h200", {"b16|c512": make_entry(config), "b16|c8192": make_entry(cfg(num_splits=8))})
     with pytest.warns(dispatch.PerfDBWarning, match=f"entry {URI}.b16.c512 has an invalid config .*{problem}"):
-        assert lookup(16, 512) == default_rule(SPEC, batch=16, context=512)
+        assert lookup(16, 512) == default_rule(Launch(SPEC, 16, 512))
     assert lookup(16, 8192)["num_splits"] == 8  # the file's valid entries are still used
     assert dispatch.misses() == {f"{URI}|b16|nvidia_h200": 1}
 
@@ -149,7 +149,7 @@ def test_only_regular_files_are_read(db, kind):
     path.parent.mkdir(parents=True)
     os.mkfifo(path) if kind == "fifo" else path.mkdir()  # a FIFO would block the first op call on open()
     with pytest.warns(dispatch.PerfDBWarning) as caught:
-        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+        assert lookup(16) == default_rule(Launch(SPEC, 16, 512))
     messages = [str(w.message) for w in caught]
     assert any("nvidia_h200.json: unreadable perf DB file (OSError: not a regular file)" in m for m in messages)
     assert any("no tuned config" in m for m in messages)
@@ -175,7 +175,7 @@ def test_repeated_misses_do_no_per_call_string_work(db, monkeypatch):
     real_uri = KernelSpec.uri
     monkeypatch.setattr(KernelSpec, "uri", lambda self: uris.append(1) or real_uri(self))
     for _ in range(50):
-        assert lookup(16) == default_rule(SPEC, batch=16, context=512)
+        assert lookup(16) == default_rule(Launch(SPEC, 16, 512))
     assert uris == []
     assert dispatch.misses() == {f"{URI}|b16|nvidia_h200": 51}
 
@@ -206,7 +206,7 @@ def test_override_wins_innermost_first_and_is_undone(db):
 def test_record_collects_the_calls(db):
     with dispatch.record() as calls, dispatch.override(CONFIG):
         lookup(16, 512)
-    assert calls == [(SPEC, 16, 512, default_rule)]
+    assert calls == [(Launch(SPEC, 16, 512), default_rule)]
 
 
 def test_environment_variable_points_at_another_db(tmp_path, monkeypatch):
@@ -222,3 +222,14 @@ def test_the_package_db_is_the_default(monkeypatch):
     with dispatch.using():
         assert dispatch.db_root() == perf_db.root()
     assert (perf_db.root() / "schema.json").is_file()
+
+
+def test_kv_heads_are_part_of_the_key(db):
+    """An op whose config depends on the KV heads (sparse_verify's split count) keys its entries by them:
+    an entry tuned at 8 KV heads never serves a launch over 2."""
+    put(db, "nvidia_h200", {"b16|c512|h8": make_entry(cfg(num_splits=2)), "b16|c512": make_entry(cfg(num_splits=6))})
+    assert lookup(16, 512, kv_heads=8)["num_splits"] == 2
+    assert lookup(16, 512)["num_splits"] == 6
+    with pytest.warns(dispatch.PerfDBWarning, match="with 2 KV heads"):
+        assert lookup(16, 512, kv_heads=2) == default_rule(Launch(SPEC, 16, 512, 2))
+    assert dispatch.misses() == {f"{URI}|b16|h2|nvidia_h200": 1}

@@ -53,13 +53,13 @@ def test_attention_scores_one_pass(Hq, Hkv, D, T, bs):
     """ONE_PASS (per-block sums rescaled instead of a second read of K), compiled, at model shapes."""
     from dustin_kernels import dispatch
     from dustin_kernels.ops import scores as ops_scores
-    from dustin_kernels.spec import KernelSpec
+    from dustin_kernels.spec import KernelSpec, Launch
 
     q, k, v, seq_lens = _problem(Hq, Hkv, D, T, torch.bfloat16)
     heads = [0, Hq // 4, Hq // 2, 3 * Hq // 4]
     group = max(sum(h // (Hq // Hkv) == kv for h in heads) for kv in range(Hkv))  # selected heads per KV head
     spec = KernelSpec("attention_scores", dispatch.arch_for(q.device), "bf16", D, group, T, bs)
-    config = {**ops_scores.default_config(spec, batch=3, context=k.shape[2]), "ONE_PASS": 1}
+    config = {**ops_scores.default_config(Launch(spec, 3, k.shape[2])), "ONE_PASS": 1}
     with dispatch.override(config, kernel="attention_scores"):
         scores = attention_scores(q, k, seq_lens, heads=heads, block_size=bs, backend="triton")
     _close(scores, ref.attention_scores(q, k, seq_lens, heads=heads, block_size=bs), torch.float32)

@@ -18,7 +18,7 @@ def test_an_invalid_entry_warns_and_the_op_runs_the_default_rule(tmp_path, varia
     spec = KernelSpec("sparse_verify", "interp", "fp32", head_dim=16, group=2, window=2, variant=variant)
     context = k.shape[2] - 2 if variant else idx.shape[1]
     config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "num_splits": 1, "HALF_PARTIALS": 0, **bad}
-    key = perf_db.entry_key(spec.uri(), 2, context)
+    key = perf_db.entry_key(spec.uri(), 2, context, 1)  # sparse_verify's config depends on its KV heads
     perf_db.write(perf_db.path_for(tmp_path, "sparse_verify", "interp", "cpu"),
                   make_doc(entries={key: make_entry(config)}, arch="interp", device="cpu"))
     with dispatch.using(db=tmp_path), pytest.warns(dispatch.PerfDBWarning, match=f"{key} has an invalid config"):

@@ -108,9 +108,12 @@ def test_context_bucket_is_the_nearest_power_of_two_in_log_space(context, bucket
 def test_keys_round_trip_and_bad_keys_raise():
     key = perf_db.entry_key(URI, 12, 30000)
     assert key == f"{URI}|b16|c32768"
-    assert perf_db.parse_key(key) == (URI, 16, 32768)
-    with pytest.raises(perf_db.PerfDBError, match="entry key"):
-        perf_db.parse_key("sparse_verify|b16")
+    assert perf_db.parse_key(key) == (URI, 16, 32768, 0)
+    assert perf_db.entry_key(URI, 12, 30000, 8) == f"{URI}|b16|c32768|h8"
+    assert perf_db.parse_key(f"{URI}|b16|c32768|h8") == (URI, 16, 32768, 8)
+    for bad in ("sparse_verify|b16", f"{URI}|b16|c32768|h0", f"{URI}|b16|c32768|h"):
+        with pytest.raises(perf_db.PerfDBError, match="entry key"):
+            perf_db.parse_key(bad)
 
 
 @pytest.mark.parametrize("name, slug, family", [

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dustin_kernels import dense_verify, dispatch, ref, sparse_verify, sparse_verify_paged
 from dustin_kernels.ops import verify
-from dustin_kernels.spec import KernelSpec
+from dustin_kernels.spec import KernelSpec, Launch
 
 from conftest import TOLERANCES
 
@@ -278,14 +278,14 @@ def test_torch_backend_chunks_long_histories(monkeypatch):
 
 def test_default_config_rule():
     spec = KernelSpec("sparse_verify", "sm90", "bf16", head_dim=128, group=8, window=5)
-    cfg = verify.default_config(spec, batch=16, context=512, kv_heads=8)
+    cfg = verify.default_config(Launch(spec, 16, 512, 8))
     assert cfg == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 2,  # one wave: ceil(132 / 128)
                    "HALF_PARTIALS": 0}
-    assert verify.default_config(spec, batch=1, context=131072, kv_heads=8)["num_splits"] == 17
+    assert verify.default_config(Launch(spec, 1, 131072, 8))["num_splits"] == 17
     sm80 = KernelSpec("sparse_verify", "sm80", "bf16", head_dim=128, group=8, window=5)
-    assert verify.default_config(sm80, batch=1, context=131072, kv_heads=8)["num_splits"] == 27  # two waves
-    assert verify.default_config(spec, batch=1, context=100, kv_heads=8)["num_splits"] == 2  # capped by tiles
-    assert verify.default_config(spec, batch=64, context=512, kv_heads=8)["num_splits"] == 1
+    assert verify.default_config(Launch(sm80, 1, 131072, 8))["num_splits"] == 27  # two waves
+    assert verify.default_config(Launch(spec, 1, 100, 8))["num_splits"] == 2  # capped by tiles
+    assert verify.default_config(Launch(spec, 64, 512, 8))["num_splits"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------

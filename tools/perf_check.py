@@ -4,7 +4,8 @@ CPU part (CI, no GPU needed):
   1. every file under the DB is a regular file, validates against perf_db/schema.json, sits at
      <kernel>/<arch>/<device>.json matching its own fields and its entries' uris, and every entry's
      config is within its kernel's search space (autotune/<kernel>.json: values and constraints);
-  2. every GPU file covers the `required` grids of autotune/grid.json (its kernel's workloads);
+  2. every GPU file covers the `required` grids of autotune/grid.json (its kernel's workloads), unless
+     every entry of it is stale (then the whole file is to be retuned: a note);
   3. every stored GPU config still compiles for its arch (dustin_kernels.aot, no spills counted,
      errors and shared memory above the arch's limit fail);
   stale entries (tuned for another template version) are reported, not failed.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from dustin_kernels import codegen, perf_db  # noqa: E402
 from dustin_kernels.autotune import space  # noqa: E402
 from dustin_kernels.autotune.workloads import Workload, from_grid  # noqa: E402
-from dustin_kernels.spec import KernelSpec  # noqa: E402
+from dustin_kernels.spec import KERNELS, KernelSpec  # noqa: E402
 
 
 def check_files(db: Path) -> tuple[dict, list[str]]:
@@ -81,14 +82,27 @@ def required_keys(kernel: str, arch: str) -> set[str]:
 
 
 def check_coverage(docs: dict) -> list[str]:
+    """Required buckets a GPU file lacks are problems, except in a file whose every entry is stale: tuned
+    for an older template, it is to be retuned as a whole, the new template's specs with it (a note).
+    A device with files for some kernels but not others gets a note too."""
     problems = []
     for path, doc in docs.items():
         if doc["arch"] == "interp":
             continue
         missing = sorted(required_keys(doc["kernel"], doc["arch"]) - set(doc["entries"]))
-        if missing:
-            problems.append(f"{path}: {len(missing)} buckets of the required grids are not tuned: "
-                            + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+        if not missing:
+            continue
+        text = (f"{path}: {len(missing)} buckets of the required grids are not tuned: "
+                + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+        if set(perf_db.stale_keys(doc, codegen.template_hash(doc["kernel"]))) == set(doc["entries"]):
+            print(f"note: {text} (every entry is stale: retune the file)")
+        else:
+            problems.append(text)
+    devices = {(doc["arch"], doc["device"]) for doc in docs.values() if doc["arch"] != "interp"}
+    for arch, device in sorted(devices):
+        for kernel in sorted(set(KERNELS) - {d["kernel"] for d in docs.values() if (d["arch"], d["device"]) ==
+                                              (arch, device)}):
+            print(f"note: no {kernel} file for {device} ({arch}): its ops use the default rule (tune it)")
     return problems
 
 
@@ -139,9 +153,9 @@ def remeasure(timer, device, key: str, entry: dict, threshold: float) -> dict:
     problem = build(w, device)
     with dispatch.record() as calls:
         problem.call()
-    spec, batch, context, default = calls[0]
-    fns = {"winner": timer.prepare(runner(problem, spec, entry["config"])),
-           "default": timer.prepare(runner(problem, spec, default(spec, batch=batch, context=context)))}
+    launch, default = calls[0]
+    fns = {"winner": timer.prepare(runner(problem, launch.spec, entry["config"])),
+           "default": timer.prepare(runner(problem, launch.spec, default(launch)))}
     baseline = problem.baseline()
     if baseline is not None and "baseline" in entry:
         fns["baseline"] = timer.prepare(baseline[1])

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .. import aot, codegen, dispatch
+from ..family import family
 from ..timing import copy_gbs, cuda_graph, git_commit  # noqa: F401  (the tuner's and perf_check's names)
 from .search import CUT
 from .workloads import Problem, Workload, build
@@ -224,7 +225,7 @@ def _aot_key(spec, config: dict, smem_limit: int) -> str:
 
 def aot_verdict(spec, config: dict, smem_limit: int) -> dict:
     """Compile `config` for `spec.arch` without running it: {"ok", "error", registers, spills, shared}."""
-    results = aot.check(spec, config, aot.op_module(spec.kernel).aot_kernels)
+    results = aot.check(spec, config, family(spec.kernel).aot_kernels)
     verdict = {"registers": max(r.registers for r in results), "spill_bytes": max(r.spill_bytes for r in results),
                "shared_bytes": max(r.shared_bytes for r in results),
                "error": "; ".join(f"{r.function}: {r.error}" for r in results if r.error)}

@@ -16,7 +16,7 @@ import json
 import operator
 from pathlib import Path
 
-from ..spec import DTYPES, KernelSpec, next_pow2
+from ..spec import DTYPES, Launch, next_pow2
 
 VARIABLES = {
     "head_dim": "head dim D of the spec (0 for select_tokens)",
@@ -26,8 +26,9 @@ VARIABLES = {
     "rows": "max(16, next_pow2(group * window)): the padded query-row tile",
     "block_size": "tokens per key block",
     "elem_bytes": "bytes per element of the spec's dtype",
-    "batch": "batch passed to dispatch.config_for",
-    "context": "context passed to dispatch.config_for (see each space's doc)",
+    "batch": "batch of the Launch passed to dispatch.config_for",
+    "context": "context of the Launch passed to dispatch.config_for (see each space's doc)",
+    "kv_heads": "KV heads of the Launch (0 where the op's config does not depend on them)",
     "interpret": "True in Triton's interpreter",
     "sm": "compute capability x 10 of the target (80, 90; 0 for the interpreter)",
 }
@@ -164,8 +165,9 @@ def load_space(kernel: str) -> Space:
     return space
 
 
-def variables(spec: KernelSpec, batch: int, context: int) -> dict:
-    """Constraint variables (`VARIABLES`) of a spec at the (batch, context) given to dispatch."""
+def variables(launch: Launch) -> dict:
+    """Constraint variables (`VARIABLES`) of a launch."""
+    spec = launch.spec
     return {
         "head_dim": spec.head_dim,
         "block_d": next_pow2(spec.head_dim) if spec.head_dim else 0,
@@ -174,8 +176,9 @@ def variables(spec: KernelSpec, batch: int, context: int) -> dict:
         "rows": max(16, next_pow2(spec.group * spec.window)) if spec.group and spec.window else 16,
         "block_size": spec.block_size,
         "elem_bytes": DTYPES[spec.dtype].itemsize,
-        "batch": batch,
-        "context": context,
+        "batch": launch.batch,
+        "context": launch.context,
+        "kv_heads": launch.kv_heads,
         "interpret": spec.arch == "interp",
         "sm": {"sm80": 80, "sm90": 90}.get(spec.arch, 0),
     }

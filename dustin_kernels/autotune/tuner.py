@@ -1,6 +1,7 @@
 """One tuning run: plan the buckets, search each, re-measure the best, write the perf DB.
 
-A bucket is one DB key (spec uri, batch bucket, context bucket) of one GPU; workloads that map to
+A bucket is one DB key (spec uri, batch bucket, context bucket, KV heads where the op's config
+depends on them) of one GPU; workloads that map to
 the same key (sparse_verify reads `budget` blocks whatever the history length) are tuned once. Per
 bucket: check the workload's predicted dispatch key against the op's real `config_for` call,
 enumerate the space's candidates, search them (`search.Search`, measured by `measure`), re-measure
@@ -107,11 +108,11 @@ def _seeds(doc: dict | None, key: str) -> list:
     """The current winner of `key`, then the winners of the same uri's other buckets, nearest first."""
     if not doc:
         return []
-    uri, batch, context = perf_db.parse_key(key)
+    uri, batch, context, kv_heads = perf_db.parse_key(key)
     near = []
     for other, entry in doc["entries"].items():
-        o_uri, o_batch, o_context = perf_db.parse_key(other)
-        if o_uri == uri:
+        o_uri, o_batch, o_context, o_kv_heads = perf_db.parse_key(other)
+        if o_uri == uri and o_kv_heads == kv_heads:
             distance = abs(math.log2(o_batch / batch)) + abs(math.log2(o_context / context))
             near.append((distance, other, entry["config"]))
     return [config for _, _, config in sorted(near)][:5]
@@ -154,8 +155,8 @@ class Tuner:
     def tune(self, w: Workload, deadline: float | None) -> str:
         """Tune one bucket; returns 'written', 'skipped' (resumed, already done) or why nothing was written."""
         o = self.o
-        predicted_spec, batch, context = w.dispatch_key(self.arch)
-        key = perf_db.entry_key(predicted_spec.uri(), batch, context)
+        predicted = w.launch(self.arch)
+        key = predicted.key()
         study = search.open_study(self.journal, f"{self.slug}/{key}", o.seed)
         if o.resume and study is not None and study.user_attrs.get("done"):
             print(f"{key}: done in the resumed run, skipped")
@@ -164,10 +165,10 @@ class Tuner:
         with dispatch.record() as calls, warnings.catch_warnings():
             warnings.simplefilter("ignore", dispatch.PerfDBWarning)  # this call only learns the dispatch key
             problem.call()
-        spec, default = self._check_dispatch(calls, predicted_spec, batch, context)
-        default_config = default(spec, batch=batch, context=context)
+        launch, default = self._check_dispatch(calls, predicted)
+        spec, default_config = launch.spec, default(launch)
         kernel_space = space.load_space(spec.kernel)
-        candidates = kernel_space.enumerate_configs(space.variables(spec, batch, context))
+        candidates = kernel_space.enumerate_configs(space.variables(launch))
         path = perf_db.path_for(o.out, spec.kernel, self.arch, self.slug)
         doc = perf_db.read(path) if path.exists() else None
         seeds = _seeds(doc, key) + [default_config] + _switches_flipped(default_config, kernel_space.params)
@@ -232,17 +233,17 @@ class Tuner:
               + f"), default {entry['default']['median_us']:.2f} us ({speedup:.2f}x) -> {path}", flush=True)
         return "written"
 
-    def _check_dispatch(self, calls: list, spec, batch: int, context: int):
-        """The op's real config_for call must be the workload's predicted key (else workloads.py is stale)."""
-        if len({c[0] for c in calls}) != 1:
-            raise RuntimeError(f"{spec.kernel}: expected one spec per call of the op, got {[c[0] for c in calls]}")
-        real_spec, real_batch, real_context, default = calls[0]
-        predicted = perf_db.entry_key(spec.uri(), batch, context)
-        real = perf_db.entry_key(real_spec.uri(), real_batch, real_context)
-        if real != predicted:
-            raise RuntimeError(f"workloads.py predicts the DB key {predicted} but the op dispatches {real}; "
-                               "update Workload.dispatch_key")
-        return real_spec, default
+    def _check_dispatch(self, calls: list, predicted):
+        """The op's real config_for call must be the workload's predicted launch (else Workload.launch is
+        stale); returns (the real launch, the op's default rule)."""
+        if len({launch.spec for launch, _ in calls}) != 1:
+            raise RuntimeError(f"{predicted.spec.kernel}: expected one spec per call of the op, got "
+                               f"{[launch.spec for launch, _ in calls]}")
+        real, default = calls[0]
+        if real.key() != predicted.key():
+            raise RuntimeError(f"workloads.py predicts the DB key {predicted.key()} but the op dispatches "
+                               f"{real.key()}; update Workload.launch")
+        return real, default
 
     def _final(self, problem, spec, best: list, default_config: dict, outcome, w: Workload) -> dict | None:
         """Interleaved re-measure of the best few, the default rule and the baseline; the entry, or None

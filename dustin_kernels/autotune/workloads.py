@@ -5,14 +5,17 @@ same problem). `context` is the history per sequence (ctx_len); every sequence i
 
 - estimate  attention_scores of one query row (the target's last committed query) on `heads`
             retrieval heads spread over the KV heads; N_max = context + 1;
-- lookahead attention_scores of the T window rows on `heads` heads of the draft model (the workload's
-            shape is the draft's, e.g. qwen2.5-0.5b); N_max = context + T;
+- lookahead attention_scores_layers of the T window rows on `heads` heads of LOOKAHEAD_LAYERS draft
+            layers (one layer's q, K and lse passed for each: the same bytes from memory), the rows'
+            log-sum-exp given, as the draft's own attention returns it (the workload's shape is the
+            draft's, e.g. qwen2.5-0.5b); N_max = context + T;
 - select    select_tokens of random draft and target block scores, m = budget // 4, sink 4, recent 16;
 - sparse    sparse_verify of the T window queries over `budget` random distinct history blocks;
 - dense     dense_verify over the whole history (the in-house dense baseline).
 
-`dispatch_key` predicts the (spec, batch, context) the op's launcher passes to `dispatch.config_for`;
-the tuner checks it against the recorded call, so a drift between this file and the ops is an error.
+`Workload.launch` gives the `Launch` (spec, batch, context, KV heads: the DB key) that the op's
+launcher passes to `dispatch.config_for`, from the op's own `launch` function; the tuner still checks
+it against the recorded call.
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ import math
 
 import torch
 
-from .. import perf_db
 from ..shapes import spread_heads
-from ..spec import DTYPES, KernelSpec
+from ..spec import DTYPES, Launch
 
 KERNEL_OF = {"estimate": "attention_scores", "lookahead": "attention_scores", "select": "select_tokens",
              "sparse": "sparse_verify", "dense": "sparse_verify"}
 SINK, RECENT = 4, 16
+LOOKAHEAD_LAYERS = 3  # the paper's draft retrieval layers (Qwen2.5-0.5B: 3 layers x 4 heads)
 # (atol, rtol) of the correctness check against the float64 reference, per input dtype; it rejects
 # broken configs, it is not a precision test (tests/ holds those)
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (4e-3, 4e-3), "bf16": (2e-2, 2e-2)}
@@ -93,27 +96,26 @@ class Workload:
     def history_blocks(self) -> int:
         return math.ceil(self.context / self.block_size)
 
-    def dispatch_key(self, arch: str) -> tuple[KernelSpec, int, int]:
-        """(spec, batch, context) that the op's launcher passes to `dispatch.config_for`."""
-        common = dict(arch=arch, dtype=self.dtype, head_dim=self.head_dim)
+    def launch(self, arch: str) -> Launch:
+        """The `Launch` the op's launcher passes to `dispatch.config_for` (built by the op's own `launch`)."""
+        from ..ops import scores, select, verify
+
         if self.kernel == "attention_scores":
-            group = self.q_heads // self.kv_heads
-            per_kv: dict = {}
-            for h in self.score_heads:
-                per_kv[h // group] = per_kv.get(h // group, 0) + 1
-            spec = KernelSpec("attention_scores", group=max(per_kv.values()), window=self.rows,
-                              block_size=self.block_size, **common)
-            return spec, self.batch, self.n_max
+            layers = LOOKAHEAD_LAYERS if self.name == "lookahead" else 0
+            return scores.launch(arch, self.dtype, batch=self.batch, q_heads=self.q_heads, kv_heads=self.kv_heads,
+                                 window=self.rows, head_dim=self.head_dim, block_size=self.block_size,
+                                 n_max=self.n_max, heads=(self.score_heads,) * layers if layers else self.score_heads,
+                                 layers=layers)
         if self.kernel == "select_tokens":
-            return KernelSpec("select_tokens", arch, block_size=self.block_size), self.batch, self.history_blocks
+            return select.launch(arch, batch=self.batch, width=self.history_blocks, block_size=self.block_size)
         dense = self.name == "dense"
-        spec = KernelSpec("sparse_verify", group=self.q_heads // self.kv_heads, window=self.window,
-                          block_size=1 if dense else self.block_size, variant="dense" if dense else "", **common)
-        return spec, self.batch, self.context if dense else self.budget * self.block_size
+        return verify.launch(arch, self.dtype, batch=self.batch, q_heads=self.q_heads, kv_heads=self.kv_heads,
+                             window=self.window, head_dim=self.head_dim,
+                             slots=self.context if dense else self.budget * self.block_size,
+                             block_size=1 if dense else self.block_size, variant="dense" if dense else "")
 
     def db_key(self, arch: str) -> str:
-        spec, batch, context = self.dispatch_key(arch)
-        return perf_db.entry_key(spec.uri(), batch, context)
+        return self.launch(arch).key()
 
     def bytes_moved(self) -> int:
         """Bytes the op must read and write at least (each input element it needs once)."""
@@ -121,8 +123,10 @@ class Workload:
         B, D = self.batch, self.head_dim
         if self.kernel == "attention_scores":
             used_kv = len({h // (self.q_heads // self.kv_heads) for h in self.score_heads})
-            return (B * used_kv * self.n_max * D + B * len(self.score_heads) * self.rows * D) * elem \
-                + 4 * B * math.ceil(self.n_max / self.block_size)
+            layer = (B * used_kv * self.n_max * D + B * len(self.score_heads) * self.rows * D) * elem
+            if self.name == "lookahead":  # per layer also the rows' lse, float32
+                layer = LOOKAHEAD_LAYERS * (layer + 4 * B * len(self.score_heads) * self.rows)
+            return layer + 4 * B * math.ceil(self.n_max / self.block_size)
         if self.kernel == "select_tokens":
             return 2 * 4 * B * self.history_blocks + 4 * B * (self.budget + 1)
         kv_rows = self.context if self.name == "dense" else min(self.budget * self.block_size, self.context)
@@ -167,8 +171,13 @@ class Problem:
 
     def call(self, backend: str = "triton"):
         w, x = self.workload, self.inputs
-        from .. import attention_scores, dense_verify, select_tokens, sparse_verify
+        from .. import attention_scores, attention_scores_layers, dense_verify, select_tokens, sparse_verify
 
+        if w.name == "lookahead":
+            return attention_scores_layers([x["q"]] * LOOKAHEAD_LAYERS, [x["k"]] * LOOKAHEAD_LAYERS, x["seq_lens"],
+                                           heads=[list(w.score_heads)] * LOOKAHEAD_LAYERS,
+                                           lses=[x["lse"]] * LOOKAHEAD_LAYERS, block_size=w.block_size,
+                                           backend=backend)
         if w.kernel == "attention_scores":
             return attention_scores(x["q"], x["k"], x["seq_lens"], heads=list(w.score_heads),
                                     block_size=w.block_size, backend=backend)
@@ -194,8 +203,9 @@ class Problem:
 
         w, x = self.workload, self.inputs
         if w.kernel == "attention_scores":
-            return ref.attention_scores(x["q"], x["k"], x["seq_lens"], heads=list(w.score_heads),
-                                        block_size=w.block_size)
+            one = ref.attention_scores(x["q"], x["k"], x["seq_lens"], heads=list(w.score_heads),
+                                       block_size=w.block_size)
+            return one * LOOKAHEAD_LAYERS if w.name == "lookahead" else one
         if w.kernel == "select_tokens":
             return ref.select_tokens(x["s_draft"], x["s_target"], x["seq_lens"], w.budget, w.budget // 4, SINK,
                                      RECENT, w.window, w.block_size)
@@ -244,6 +254,11 @@ def build(w: Workload, device, *, ragged: bool = False, seed: int = 0) -> Proble
                       s_target=torch.rand(B, W, generator=g, device=device))
         return Problem(w, inputs, ragged)
     inputs.update(q=randn(B, w.q_heads, w.rows, w.head_dim), k=randn(B, w.kv_heads, w.n_max, w.head_dim))
+    if w.name == "lookahead":  # the rows' lse, as the draft's attention returns it (K serves as V here)
+        from .. import dense_verify
+
+        inputs["lse"] = dense_verify(inputs["q"], inputs["k"], inputs["k"], inputs["seq_lens"], return_lse=True,
+                                     backend="torch")[1]
     if w.kernel == "sparse_verify":
         inputs["v"] = randn(B, w.kv_heads, w.n_max, w.head_dim)
     if w.name == "sparse":

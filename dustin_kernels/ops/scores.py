@@ -27,14 +27,29 @@ import operator
 import torch
 
 from .. import _checks, codegen, dispatch, library
-from ..spec import DTYPE_NAMES, DTYPES, KernelSpec, next_pow2
+from ..aot import AotKernel
+from ..family import OpFamily
+from ..spec import DTYPE_NAMES, DTYPES, KernelSpec, Launch, next_pow2
 
 LOG2E = math.log2(math.e)
 _TORCH_CHUNK_ELEMENTS = 1 << 24  # fp32 scores / keys the torch backend holds per key chunk (64 MiB)
 
 
-def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
-    """Launch config when the perf DB has no entry (checked with `python -m dustin_kernels.aot`).
+def launch(arch: str, dtype: str, *, batch: int, q_heads: int, kv_heads: int, window: int, head_dim: int,
+           block_size: int, n_max: int, heads: tuple, layers: int = 0) -> Launch:
+    """The `Launch` of a call (its spec and perf-DB key; its context is N_max, the lengths stay on the
+    device). heads: the selected q-heads; with layers = L > 0 (`attention_scores_layers`, the lse given) a
+    tuple of L such tuples. The spec's group is the most heads selected on one KV head (of any layer)."""
+    group = max(len(row) - 1 for layer in (heads if layers else (heads,))
+                for row in _head_layout(tuple(layer), q_heads // kv_heads))
+    spec = KernelSpec("attention_scores", arch, dtype, head_dim=head_dim, group=group, window=window,
+                      block_size=block_size, variant=f"layers{layers}" if layers else "")
+    return Launch(spec, batch, n_max)
+
+
+def default_config(launch: Launch) -> dict:
+    """Launch config when the perf DB has no entry (checked with `python -m dustin_kernels.aot`); the
+    launch's context is N_max.
 
     rows = next_pow2(group * T), at least 16; D = next_pow2(head_dim).
     - interpreter: LSE_BLOCK_N 32, NUM_SPLITS 2, BLOCK_N max(32, block_size), so that the tests
@@ -57,6 +72,7 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
       double-buffers the keys across the used KV heads, untimed); the other keys keep the rule's values,
       so that the config stays within the search space.
     """
+    spec, batch, context = launch.spec, launch.batch, launch.context
     if spec.arch == "interp":
         config = {"LSE_BLOCK_N": 32, "NUM_SPLITS": 2, "lse_num_warps": 4, "lse_num_stages": 1,
                   "BLOCK_N": max(32, spec.block_size), "num_warps": 4, "num_stages": 1}
@@ -152,10 +168,10 @@ def _triton_attention_scores(q, k_cache, seq_lens, heads, block_size, scale, out
     Hkv, N = k_cache.shape[1], k_cache.shape[2]
     table = _head_table(heads, Hq // Hkv, q.device)
     n_used = table.shape[0]
-    spec = KernelSpec(kernel="attention_scores", arch=dispatch.arch_for(q.device), dtype=DTYPE_NAMES[q.dtype],
-                      head_dim=D, group=table.shape[1] - 1, window=T, block_size=block_size)
-    mod = codegen.load(spec)
-    config = dispatch.config_for(spec, B, N, default_config, q.device)  # context: N_max (lengths stay on device)
+    call = launch(dispatch.arch_for(q.device), DTYPE_NAMES[q.dtype], batch=B, q_heads=Hq, kv_heads=Hkv, window=T,
+                  head_dim=D, block_size=block_size, n_max=N, heads=heads)
+    mod = codegen.load(call.spec)
+    config = dispatch.config_for(call, default_config, q.device)
     splits, block_n, lse_block_n, one_pass = (config[k] for k in ("NUM_SPLITS", "BLOCK_N", "LSE_BLOCK_N", "ONE_PASS"))
     _check_whole_blocks(config, ("BLOCK_N", "LSE_BLOCK_N") if one_pass else ("BLOCK_N",), block_size)
     partial_m = torch.empty(B, n_used, splits, mod.BLOCK_R.value, dtype=torch.float32, device=q.device)
@@ -200,10 +216,10 @@ def _triton_attention_scores_layers(qs, k_caches, lses, seq_lens, heads, block_s
     Hkv, N = k_caches[0].shape[1], k_caches[0].shape[2]
     table = _layers_table(heads, Hq // Hkv, qs[0].device)
     n_layers, n_used, width = table.shape
-    spec = KernelSpec(kernel="attention_scores", arch=dispatch.arch_for(qs[0].device), dtype=DTYPE_NAMES[qs[0].dtype],
-                      head_dim=D, group=width - 1, window=T, block_size=block_size, variant=f"layers{n_layers}")
-    mod = codegen.load(spec)
-    config = dispatch.config_for(spec, B, N, default_config, qs[0].device)  # context: N_max, as attention_scores
+    call = launch(dispatch.arch_for(qs[0].device), DTYPE_NAMES[qs[0].dtype], batch=B, q_heads=Hq, kv_heads=Hkv,
+                  window=T, head_dim=D, block_size=block_size, n_max=N, heads=heads, layers=n_layers)
+    mod = codegen.load(call.spec)
+    config = dispatch.config_for(call, default_config, qs[0].device)
     _check_whole_blocks(config, ("BLOCK_N",), block_size)
     per_layer = [x for q, k, lse in zip(qs, k_caches, lses)  # the template's per-layer argument group
                  for x in (q, k, lse, *q.stride(), *k.stride(), *lse.stride())]
@@ -246,11 +262,12 @@ def _attention_scores_layers_into(qs: list[torch.Tensor], k_caches: list[torch.T
             out.add_(_torch_attention_scores(q, k, seq_lens, h, block_size, scale, lse))
 
 
-def aot_specs(arch: str) -> list[KernelSpec]:
+def aot_launches(arch: str) -> list[Launch]:
     """bf16 model shapes (`shapes.PRESETS` plus head dims 80, 96, 256 at G 8): one row of one head per
     KV head (target estimation), all heads at T 5 and at T 16 with block size 128; fp32 at D 128. The
     given-lse kernel (layer_scores): one layer with all heads at T 5, and 3 layers of 4 retrieval heads
-    at T 5 (all on one KV head, and spread over two: the Qwen2.5-0.5B draft lookahead, D 64 G 2)."""
+    at T 5 (all on one KV head, and spread over two: the Qwen2.5-0.5B draft lookahead, D 64 G 2).
+    Batch 16, N_max 32K."""
     from ..shapes import PRESETS
 
     shapes = {(s.head_dim, s.group) for s in PRESETS.values()} | {(80, 8), (96, 8), (256, 8)}
@@ -265,7 +282,7 @@ def aot_specs(arch: str) -> list[KernelSpec]:
               KernelSpec("attention_scores", arch, "bf16", 64, 2, 5, 1, "layers3"),
               KernelSpec("attention_scores", arch, "bf16", 64, 2, 5, 16, "layers3"),
               KernelSpec("attention_scores", arch, "fp32", 128, 4, 5, 16, "layers3")}
-    return sorted(specs, key=KernelSpec.uri)
+    return [Launch(spec, 16, 32768) for spec in sorted(specs, key=KernelSpec.uri)]
 
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list:
@@ -275,8 +292,6 @@ def aot_kernels(spec: KernelSpec, config: dict) -> list:
     The head dim and the lse's T dim are taken contiguous (Triton specialises a unit stride to a constexpr
     at run time) and the q / K row strides multiples of 16; block_scores and layer_scores are compiled for
     2 used KV heads."""
-    from ..aot import AotKernel
-
     mod = codegen.load(spec)
     ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}[spec.dtype]
     types = {"q_ptr": ptr, "k_ptr": ptr, "seq_lens_ptr": "*i32", "table_ptr": "*i32", "m_ptr": "*fp32",
@@ -294,8 +309,7 @@ def aot_kernels(spec: KernelSpec, config: dict) -> list:
         kernels = ((mod.row_lse, {**common, "BLOCK_N": config["LSE_BLOCK_N"]}, "lse_num_warps", "lse_num_stages"),
                    (mod.block_scores, {**common, "BLOCK_N": config["BLOCK_N"], "N_USED": 2,
                                        "LSE_BLOCK_N": config["LSE_BLOCK_N"]}, "num_warps", "num_stages"))
-    return [AotKernel(fn, {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names},
-                      constexprs, config[warps], config[stages], aligned=rows)
+    return [AotKernel.of(fn, types, constexprs, config[warps], config[stages], rows)
             for fn, constexprs, warps, stages in kernels]
 
 
@@ -436,3 +450,6 @@ def attention_scores_layers(qs, k_caches, seq_lens, *, heads, lses, block_size=1
     _attention_scores_layers_into(qs, k_caches, lses, seq_lens, out, [h for hs in heads for h in hs],
                                   [len(hs) for hs in heads], block_size, scale, backend)
     return out
+
+
+FAMILY = OpFamily("attention_scores", launch, default_config, aot_launches, aot_kernels)

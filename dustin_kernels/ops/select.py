@@ -19,13 +19,20 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, codegen, dispatch, library
-from ..spec import KernelSpec, next_pow2
+from ..aot import AotKernel
+from ..family import OpFamily
+from ..spec import KernelSpec, Launch, next_pow2
 
 KEY_MIN = -(1 << 63)  # key of blocks that are not candidates
 
 
-def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
-    """Launch config when the perf DB has no entry; context = W, the score columns (history blocks).
+def launch(arch: str, *, batch: int, width: int, block_size: int) -> Launch:
+    """The `Launch` of a call (its spec and perf-DB key): its context is W, the score columns read."""
+    return Launch(KernelSpec("select_tokens", arch, block_size=block_size), batch, width)
+
+
+def default_config(launch: Launch) -> dict:
+    """Launch config when the perf DB has no entry; the launch's context is W, the score columns.
 
     - interpreter: TILE next_pow2(W) / 8 clamped to [32, 256] (tests walk several tiles per pass; the
       interpreter pays per step, not per element), RADIX_BITS 8 (4 passes), num_warps 4;
@@ -37,8 +44,8 @@ def default_config(spec: KernelSpec, *, batch: int, context: int) -> dict:
       narrow ones more passes over the row); num_stages 1.
     The batch does not matter: one program per sequence.
     """
-    width = next_pow2(max(context, 1))
-    if spec.arch == "interp":
+    width = next_pow2(max(launch.context, 1))
+    if launch.spec.arch == "interp":
         return {"TILE": min(256, max(32, width // 8)), "RADIX_BITS": 8, "num_warps": 4, "num_stages": 1}
     tile = min(4096, max(1024, width))
     return {"TILE": tile, "RADIX_BITS": 7, "num_warps": tile // 256, "num_stages": 1}
@@ -96,8 +103,8 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
     seq_lens = seq_lens.contiguous()  # the kernel reads seq_lens[b] at offset b
-    spec = KernelSpec(kernel="select_tokens", arch=dispatch.arch_for(device), block_size=block_size)
-    config = dispatch.config_for(spec, B, W, default_config, device=device)
+    call = launch(dispatch.arch_for(device), batch=B, width=W, block_size=block_size)
+    config = dispatch.config_for(call, default_config, device=device)
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
         n_draft = n_target = 0
@@ -105,7 +112,7 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     count = torch.empty(B, dtype=torch.int32, device=device) if count is None else count
     d_args = (s_draft, *s_draft.stride()) if s_draft is not None else (scores, 0, 0)
     t_args = (s_target, *s_target.stride()) if s_target is not None else (scores, 0, 0)
-    codegen.load(spec).select_tokens[(B,)](
+    codegen.load(call.spec).select_tokens[(B,)](
         *d_args, *t_args, seq_lens, idx, count, W, window, sink, recent, budget, n_draft, n_target,
         USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0, TILE=config["TILE"], RADIX_BITS=config["RADIX_BITS"],
         num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -122,24 +129,20 @@ def _select_tokens_into(s_draft: torch.Tensor | None, s_target: torch.Tensor | N
         run(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx, count)
 
 
-def aot_specs(arch: str) -> list[KernelSpec]:
-    """Block sizes 1, 16 and 128 (the scores are compared in fp32 whatever their dtype: one flavour)."""
-    return [KernelSpec("select_tokens", arch, block_size=bs) for bs in (1, 16, 128)]
+def aot_launches(arch: str) -> list[Launch]:
+    """Block sizes 1, 16 and 128 (the scores are compared in fp32 whatever their dtype: one flavour), batch
+    16, 32K score columns."""
+    return [launch(arch, batch=16, width=32768, block_size=bs) for bs in (1, 16, 128)]
 
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list:
     """The one kernel with both signals (the path with the most live state: the target's passes exclude
     the draft's blocks), unit column strides as the JIT specialises them."""
-    from ..aot import AotKernel
-
-    sig = {"d_ptr": "*fp32", "d_stride_b": "i32", "d_stride_w": "constexpr",
-           "t_ptr": "*fp32", "t_stride_b": "i32", "t_stride_w": "constexpr",
-           "seq_lens_ptr": "*i32", "idx_ptr": "*i32", "count_ptr": "*i32", "W": "i32", "window": "i32", "sink": "i32", "recent": "i32", "budget": "i32",
-           "n_draft": "i32", "n_target": "i32", "USE_DRAFT": "constexpr", "USE_TARGET": "constexpr",
-           "TILE": "constexpr", "RADIX_BITS": "constexpr"}
+    types = {"d_ptr": "*fp32", "t_ptr": "*fp32", "seq_lens_ptr": "*i32", "idx_ptr": "*i32", "count_ptr": "*i32"}
     constexprs = {"USE_DRAFT": True, "USE_TARGET": True, "TILE": config["TILE"], "RADIX_BITS": config["RADIX_BITS"],
                   "d_stride_w": 1, "t_stride_w": 1}
-    return [AotKernel(codegen.load(spec).select_tokens, sig, constexprs, config["num_warps"], config["num_stages"])]
+    return [AotKernel.of(codegen.load(spec).select_tokens, types, constexprs, config["num_warps"],
+                         config["num_stages"])]
 
 
 def _check_scores(name: str, scores, batch: int | None) -> None:
@@ -202,3 +205,6 @@ def select_tokens(s_draft, s_target, seq_lens, *, budget, m, sink=4, recent=16, 
     count = _checks.check_out(count, (B,), torch.int32, device, "out[1] (count)")
     _select_tokens_into(s_draft, s_target, seq_lens, idx, count, budget, m, sink, recent, window, block_size, backend)
     return idx, count
+
+
+FAMILY = OpFamily("select_tokens", launch, default_config, aot_launches, aot_kernels)

@@ -11,15 +11,15 @@ then `_launch`: the ops do both per call, `VerifyPlan` resolves once per step an
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from .. import _checks, codegen, dispatch, library
 from ..aot import AotKernel
+from ..family import OpFamily
 from ..shapes import PRESETS
-from ..spec import DTYPE_NAMES, KernelSpec, next_pow2
+from ..spec import DTYPE_NAMES, KernelSpec, Launch, next_pow2
 
 _SMS = {"sm80": 108, "sm90": 132, "interp": 1}  # the interpreter runs programs one after another
 _WAVES = {"sm90": 1}  # programs per SM that split-KV aims for (default 2)
@@ -30,11 +30,19 @@ def _block_m(spec: KernelSpec) -> int:
     return max(16, next_pow2(spec.group * spec.window))
 
 
-def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int = 8) -> dict:
-    """Launch settings used when the perf DB has no entry.
+def launch(arch: str, dtype: str, *, batch: int, q_heads: int, kv_heads: int, window: int, head_dim: int,
+           slots: int, block_size: int, variant: str) -> Launch:
+    """The `Launch` of a call (its spec and perf-DB key): `slots` is the number of history slots a sequence
+    may read (idx width x block_size; the history length N_max - T for the dense variant). The split count
+    depends on the KV heads: they are part of the key."""
+    spec = KernelSpec("sparse_verify", arch, dtype, head_dim=head_dim, group=q_heads // kv_heads, window=window,
+                      block_size=block_size if variant != "dense" else 1, variant=variant)
+    return Launch(spec, batch, slots, kv_heads)
 
-    `context` is the number of history slots a sequence may read (idx width x block_size; the history
-    length N_max - T for the dense variant); `kv_heads` is Hkv (the launcher passes the real one).
+
+def default_config(launch: Launch) -> dict:
+    """Launch settings used when the perf DB has no entry; the launch's context is its history slots
+    (`launch`), its kv_heads Hkv.
     - BLOCK_N: 64 key rows per tile, 32 when the padded head dim exceeds 128;
     - num_warps: 4, or 8 when the fp32 accumulator BLOCK_M x BLOCK_D exceeds 8192 elements
       (BLOCK_M = G*T rounded up to a power of two >= 16);
@@ -50,20 +58,23 @@ def default_config(spec: KernelSpec, *, batch: int, context: int, kv_heads: int 
       waves) 43.7 us, 4 / 8 / 16 splits 44-80 us. The splits now merge inside the forward kernel; the rule
       is kept until it is re-measured (1 split with BLOCK_N 128 and 8 warps compiles without spills, untimed).
       Two waves on sm80 (not measured);
+    - the interpreter: 4 warps and 1 stage (it ignores both; its search space allows only these);
     - HALF_PARTIALS: 0, the splits' partial outputs in fp32. 1 stores them in q's dtype (fp16 / bf16),
       half the workspace bytes, one more rounding before the fp32 merge: 3% faster at 2 splits of the 72B
       headline shape on an H200 with the previous kernel (28.7 vs 29.6 us, tools/results/h200-session2), one
       measurement; the tuned DB takes it, the rule stays fp32.
     """
+    spec, batch, context, kv_heads = launch.spec, launch.batch, launch.context, launch.kv_heads
     block_m, block_d = _block_m(spec), next_pow2(spec.head_dim)
     narrow = spec.dtype == "fp32" or (spec.arch == "sm80" and block_m < block_d and block_m * block_d > 4096)
     block_n = 16 if narrow else 64 if block_d <= 128 else 32
     programs = max(1, batch * kv_heads)
     tiles = max(1, math.ceil(context / block_n))
+    interp = spec.arch == "interp"  # the interpreter ignores warps and stages: its search space pins them
     return {
         "BLOCK_N": block_n,
-        "num_warps": 8 if narrow or block_m * block_d > 8192 else 4,
-        "num_stages": 2,
+        "num_warps": 8 if (narrow or block_m * block_d > 8192) and not interp else 4,
+        "num_stages": 1 if interp else 2,
         "num_splits": max(1, min(math.ceil(_WAVES.get(spec.arch, 2) * _SMS[spec.arch] / programs), tiles)),
         "HALF_PARTIALS": 0,
     }
@@ -132,13 +143,6 @@ def _torch_sparse_verify(q, k, v, seq_lens, idx, count, block_table, *, block_si
 # Triton backend
 
 
-def _spec(q, k, *, block_size, variant) -> KernelSpec:
-    B, Hq, T, D = q.shape
-    return KernelSpec("sparse_verify", dispatch.arch_for(q.device), DTYPE_NAMES[q.dtype], head_dim=D,
-                      group=Hq // k.shape[1], window=T, block_size=block_size if variant != "dense" else 1,
-                      variant=variant)
-
-
 def _resolve(q, k, idx, *, block_size, variant) -> tuple:
     """(module, launch config, workspace) of the Triton kernel for these shapes: the launch config comes from
     `dispatch.config_for` (pinned with `dispatch.override(config, kernel="sparse_verify")`). With
@@ -147,9 +151,10 @@ def _resolve(q, k, idx, *, block_size, variant) -> tuple:
     merging program sets back to zero, so one workspace serves any number of launches in stream order)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    spec = _spec(q, k, block_size=block_size, variant=variant)
-    context = k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size
-    config = dispatch.config_for(spec, B, context, functools.partial(default_config, kv_heads=Hkv), device=q.device)
+    call = launch(dispatch.arch_for(q.device), DTYPE_NAMES[q.dtype], batch=B, q_heads=Hq, kv_heads=Hkv, window=T,
+                  head_dim=D, slots=k.shape[2] - T if variant == "dense" else idx.shape[1] * block_size,
+                  block_size=block_size, variant=variant)
+    config = dispatch.config_for(call, default_config, device=q.device)
     splits = config["num_splits"]
     if splits > 1:
         ws_dtype = q.dtype if config["HALF_PARTIALS"] else torch.float32
@@ -158,7 +163,7 @@ def _resolve(q, k, idx, *, block_size, variant) -> tuple:
                      torch.zeros(B * Hkv, dtype=torch.int32, device=q.device))
     else:  # unused by the kernel when NUM_SPLITS == 1
         workspace = None
-    return codegen.load(spec), config, workspace
+    return codegen.load(call.spec), config, workspace
 
 
 def _launch(resolved, q, k, v, seq_lens, idx, count, block_table, out, lse, scale) -> None:
@@ -230,33 +235,32 @@ def _dense_verify_into(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     _verify_into(q, k_cache, v_cache, seq_lens, None, None, None, out, lse, 1, scale, "dense", backend)
 
 
-def aot_specs(arch: str) -> list[KernelSpec]:
-    """bf16 specs of the model shapes of `shapes.PRESETS` at T 1/5/16, block sizes 1/16 and the three
-    variants, plus head dims 80/96/256 at group 8."""
-    dims = dict.fromkeys((s.head_dim, s.group) for s in PRESETS.values())  # headline shape (72B) first
-    specs = [KernelSpec("sparse_verify", arch, "bf16", head_dim=d, group=g, window=t, block_size=bs, variant=var)
-             for d, g in dims for t in (5, 1, 16)
-             for bs, var in ((1, ""), (16, ""), (1, "paged"), (1, "dense"))
-             if t == 5 or (bs, var) == (1, "")]
-    return specs + [KernelSpec("sparse_verify", arch, "bf16", head_dim=d, group=8, window=5) for d in (80, 96, 256)]
+def aot_launches(arch: str) -> list[Launch]:
+    """bf16 launches of the model shapes of `shapes.PRESETS` (with their KV heads) at T 1/5/16, block sizes
+    1/16 and the three variants, plus head dims 80/96/256 at group 8 over 8 KV heads; batch 16, 512 history
+    slots (the dense variant: 32K)."""
+    shapes = dict.fromkeys((s.head_dim, s.group, s.kv_heads) for s in PRESETS.values())  # headline (72B) first
+    calls = [(d, g, hkv, t, bs, var) for d, g, hkv in shapes for t in (5, 1, 16)
+             for bs, var in ((1, ""), (16, ""), (1, "paged"), (1, "dense")) if t == 5 or (bs, var) == (1, "")]
+    calls += [(d, 8, 8, 5, 1, "") for d in (80, 96, 256)]
+    return [launch(arch, "bf16", batch=16, q_heads=g * hkv, kv_heads=hkv, window=t, head_dim=d,
+                   slots=32768 if var == "dense" else 512, block_size=bs, variant=var)
+            for d, g, hkv, t, bs, var in calls]
 
 
 def aot_kernels(spec: KernelSpec, config: dict) -> list[AotKernel]:
     """The forward kernel (it merges the splits itself) with argument types; strides along the head dim are
     taken as 1, the other strides and the idx width as multiples of 16, and a paged cache has 16-token pages."""
-    mod = codegen.load(spec)
+    fn = codegen.load(spec).sparse_verify_fwd
     elem = f"*{spec.dtype}"
     types = {"Q": elem, "K": elem, "V": elem, "O": elem, "LSE": "*fp32", "WS_LSE": "*fp32",
              "WS_O": elem if config["HALF_PARTIALS"] else "*fp32", "ARRIVED": "*i32",
              "SEQ_LENS": "*i32", "IDX": "*i32", "COUNT": "*i32", "BLOCK_TABLE": "*i32", "scale_log2": "fp32"}
-    fn = mod.sparse_verify_fwd
-    constexprs = {name: value for name, value in {
-        "BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": config["num_splits"], "PAGE_SIZE": 16,
-        "stride_qd": 1, "stride_kd": 1, "stride_vd": 1}.items() if name in fn.arg_names}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    aligned = tuple(name for name in fn.arg_names  # row strides, and an idx width like the headline's 512
-                    if (name.startswith("stride") or name == "idx_width") and name not in constexprs)
-    return [AotKernel(fn, signature, constexprs, config["num_warps"], config["num_stages"], aligned=aligned)]
+    constexprs = {"BLOCK_N": config["BLOCK_N"], "NUM_SPLITS": config["num_splits"], "PAGE_SIZE": 16,
+                  "stride_qd": 1, "stride_kd": 1, "stride_vd": 1}
+    aligned = [name for name in fn.arg_names  # row strides, and an idx width like the headline's 512
+               if (name.startswith("stride") or name == "idx_width") and name not in constexprs]
+    return [AotKernel.of(fn, types, constexprs, config["num_warps"], config["num_stages"], aligned)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,3 +449,6 @@ class VerifyPlan:
         _verify(q, k_cache, v_cache, self.seq_lens, self.idx, self.count, None, out, self.lse,
                 block_size=self.block_size, scale=self.scale, variant=self.variant, resolved=self._resolved)
         return out
+
+
+FAMILY = OpFamily("sparse_verify", launch, default_config, aot_launches, aot_kernels)
