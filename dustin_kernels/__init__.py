@@ -11,6 +11,6 @@ from .ops.select import select_tokens
 from .ops.engine import attention_scores_paged, sparse_verify_varlen
 from .ops.verify import VerifyPlan, dense_verify, sparse_verify, sparse_verify_paged
 
-__all__ = ["attention_scores", "attention_scores_layers", "select_tokens", "sparse_verify", "sparse_verify_paged", "dense_verify",
-           "sparse_verify_varlen", "attention_scores_paged", "VerifyPlan", "trusted_inputs"]
+__all__ = ["attention_scores", "attention_scores_layers", "select_tokens", "sparse_verify", "sparse_verify_paged",
+           "dense_verify", "sparse_verify_varlen", "attention_scores_paged", "VerifyPlan", "trusted_inputs"]
 __version__ = "0.1.0"

@@ -12,11 +12,11 @@ the perf DB (`dustin_kernels.perf_db`, folder `$DUSTIN_PERF_DB` or the package's
 
 for an entry of the spec's uri at the launch's batch bucket (next power of two) and KV heads; among
 that file's context buckets the nearest in log space wins. A fallback or a miss warns once per
-(spec, batch bucket, KV heads, device) and misses are counted (`misses()`). A corrupt or truncated file (or anything but a regular
-file) warns and is ignored (the next level or the default rule is used); an entry whose config breaks
-its kernel's search space (`perf_db.config_errors`) warns and gives the default rule; entries tuned
-for an older template are used, with a warning. Files are read once per process (`reset()` forgets
-them). `override()` pins a config (tests, the tuner); `record()` collects the calls (the tuner learns
+(spec, batch bucket, KV heads, device) and misses are counted (`misses()`). A corrupt or truncated
+file (or anything but a regular file) warns and is ignored (the next level or the default rule is
+used); an entry whose config breaks its kernel's search space (`perf_db.config_errors`) warns and
+gives the default rule; entries tuned for an older template are used, with a warning. Files are read
+once per process (`reset()` forgets them). `override()` pins a config (tests, the tuner); `record()` collects the calls (the tuner learns
 each op's DB key); `using()` points the lookup at another folder or device name (tests).
 """
 from __future__ import annotations

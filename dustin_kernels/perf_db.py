@@ -12,8 +12,8 @@ An entry holds the winning config, its median and IQR (us), GB/s and fraction of
 bandwidth, the runner-up, the default rule's config and time, the template hash, date, trials and
 the workload it was timed on. Keys (`spec.Launch.key()`): the spec uri, the batch bucket (next power of
 two), the context bucket (nearest power of two in log space) and, for ops whose config depends on them,
-the KV heads, of the `Launch` that the op's launcher passes to `dispatch.config_for`. Writes are validated, canonical (sorted keys) and atomic (`os.replace`).
-The JSON Schema is `perf_db/schema.json`.
+the KV heads, of the `Launch` that the op's launcher passes to `dispatch.config_for`. Writes are
+validated, canonical (sorted keys) and atomic (`os.replace`). The JSON Schema is `perf_db/schema.json`.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def config_errors(key: str, config: dict) -> list[str]:
         return [f"expected the parameters {sorted(kernel_space.params)}, got {sorted(keys)}"]
     errors = [f"{name}: expected one of {values}, got {config[name]!r}" for name, values in kernel_space.params.items()
               if type(config[name]) is not int or config[name] not in values]  # 64.0 and True are not ints here
-    env = space.variables(Launch(spec, batch, int(context * 2 ** 0.5), kv_heads))  # the bucket reaches context * sqrt(2)
+    env = space.variables(Launch(spec, batch, int(context * 2 ** 0.5), kv_heads))  # the bucket's reach
     return errors or [f"violates {expr!r}" for expr in kernel_space.violated(config, env)]
 
 

@@ -52,10 +52,11 @@ class VerifyContext:
     lens: int32[B] history tokens (cache entries before the window); draft_queries: {draft layer:
     [B, Hq, T, D]} the draft's queries of the T window tokens (positions lens .. lens + gamma);
     draft_lse: {draft layer: float32[B, Hq, T]} the log-sum-exp of those rows' attention, kept by the
-    draft's own passes (`DraftAttention`); draft_cache: holds the window already; target_queries: {target layer: [B, Hq, 1, D]} query of the
-    last committed token (position lens - 1); target_cache: history only. estimate: whether this step
-    estimates the target signal afresh; target_scores: float32[B, blocks] the last estimate (None before
-    the first), which a policy that re-estimates every k steps reuses in between.
+    draft's own passes (`DraftAttention`); draft_cache: holds the window already; target_queries:
+    {target layer: [B, Hq, 1, D]} query of the last committed token (position lens - 1); target_cache:
+    history only. estimate: whether this step estimates the target signal afresh; target_scores:
+    float32[B, blocks] the last estimate (None before the first), which a policy that re-estimates every
+    k steps reuses in between.
     """
     lens: torch.Tensor
     window: int

@@ -366,7 +366,8 @@ def print_tables(meta: dict, rows: list[dict]) -> None:
               f"{r['bytes'] / 2**20:9.2f} {r['p20_ms']:8.3f} {r['p50_ms']:8.3f} {r['p80_ms']:8.3f} "
               f"{r['gbps']:7.1f} {100 * r['copy_frac']:5.1f}%")
     print(f"\nsparse_verify speedup over dense verification (p50 ratios); selection (draft scores of {DRAFT_LAYERS} "
-          f"layers + target scores + select) as a share of a step's sparse attention (one sparse_verify per target layer)")
+          "layers + target scores + select) as a share of a step's sparse attention (one sparse_verify per "
+          "target layer)")
     print(f"{'B':>3} {'context':>7} {'budget':>6} {'sparse ms':>9} {'%copy':>6} {'x dense':>8} {'ideal':>7} "
           f"{'floor':>7} {'x sdpa':>7} {'x flash':>7} {'x finfer':>8} {'select ms':>9} {'share':>8}")
     for r in (r for r in rows if r["kernel"] == "sparse_verify"):

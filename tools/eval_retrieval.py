@@ -5,8 +5,8 @@ The project's stand-in for the paper's LongBench table. Each prompt of the testb
 words, 4 planted needles (a key and 8 value words) and, last, one needle's key; the target answers
 with that needle's --values values (8), which it can only copy by attending to them. For each (context,
 budget, policy) one batch of --prompts prompts of `context` tokens runs through speculative decoding
-(greedy, one new token per value, gamma --gamma) with the fidelity probe on; each row holds the recall of the asked values
-(share generated in place, mean over the prompts), the acceptance length, the dense attention mass
+(greedy, one new token per value, gamma --gamma) with the fidelity probe on; each row holds the recall
+of the asked values (share generated in place, mean over the prompts), the acceptance length, the dense attention mass
 kept on the keys read, greedy agreement with dense verification and the KV bytes read against dense
 verification. Dense verification does not depend on the budget: one row per context (budget empty).
 With --estimate-every K .., the policies with a target signal (dustin, dustin-paper, target-only) run
