@@ -84,11 +84,11 @@ def test_long_history_walks_many_tiles(backend):
 
 
 @pytest.mark.parametrize("config", [
-    {"TILE": 32, "RADIX_BITS": 8},  # many tiles per pass, 4 passes
-    {"TILE": 1024, "RADIX_BITS": 5},  # one tile per pass, 7 passes (the last of 2 bits)
-    {"TILE": 64, "RADIX_BITS": 7},  # 5 passes (the last of 4 bits)
-    {"TILE": 16, "RADIX_BITS": 4},  # 8 passes, tiles narrower than the budget
-], ids=lambda c: f"tile{c['TILE']}-radix{c['RADIX_BITS']}")
+    {"CHUNK": 256, "TILE": 32, "RADIX_BITS": 8},  # many tiles per pass, 4 passes, 3 chunks
+    {"CHUNK": 1024, "TILE": 1024, "RADIX_BITS": 5},  # one chunk, one tile per pass, 7 passes (the last of 2 bits)
+    {"CHUNK": 128, "TILE": 64, "RADIX_BITS": 7},  # 5 passes (the last of 4 bits), 6 chunks of 2 tiles
+    {"CHUNK": 240, "TILE": 16, "RADIX_BITS": 4},  # 8 passes, tiles narrower than the budget, a chunk not a power of 2
+], ids=lambda c: f"chunk{c['CHUNK']}-tile{c['TILE']}-radix{c['RADIX_BITS']}")
 def test_triton_tilings(config):
     """Tile widths and digit widths of the radix select: every pass split and tile walk gives the same set."""
     seq_lens = torch.tensor([700, 520, 90], dtype=torch.int32)
@@ -106,8 +106,8 @@ def test_noncontiguous_scores_of_different_widths(backend):
 
 
 def test_score_widths_share_one_compiled_kernel(monkeypatch):
-    """Score rows of 4096 and 4100 columns (caches of any length) give the same JIT specialisation key:
-    no recompile when the context grows. The interpreter does not compile, so the key
+    """Score rows of 4096 and 4100 columns (caches of any length) at one launch config give the same JIT
+    specialisation key: no recompile when the context grows. The interpreter does not compile, so the key
     is computed by Triton's own binder from the recorded launch arguments."""
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -131,8 +131,9 @@ def test_score_widths_share_one_compiled_kernel(monkeypatch):
         return type("Recorded", (), {"__getitem__": lambda self, grid: launch(grid)})()
 
     seq_lens = torch.tensor([300, 200], dtype=torch.int32)
+    config = {"CHUNK": 2048, "TILE": 256, "RADIX_BITS": 8, "num_warps": 4, "num_stages": 1}  # one config: the key
     for width in (4096, 4100):
-        with monkeypatch.context() as patch:
+        with monkeypatch.context() as patch, dispatch.override(config, kernel="select_tokens"):
             patch.setattr(mod, "select_tokens", recorded("select_tokens", width))
             _check(_scores(2, width), _scores(2, width), seq_lens, "triton", budget=40, m=10, window=5)
     assert set(keys["select_tokens"]) == {4096, 4100}

@@ -153,7 +153,8 @@ def test_topk_invariants(pattern, who, backend):
 
 
 def test_one_launch_per_call(monkeypatch):
-    """The triton path is one kernel launch on grid (B,), whatever the signals and the tie path taken."""
+    """The triton path is one kernel launch on grid (B, cdiv(W, CHUNK)) (here 300 columns in chunks of 256 by
+    the interpreter's default rule), whatever the signals and the tie path taken."""
     mod = codegen.load(KernelSpec("select_tokens", "interp"))
     launches = []
     kernel = mod.select_tokens
@@ -171,7 +172,7 @@ def test_one_launch_per_call(monkeypatch):
         for pair in ((s, s.flip(1)), (s, None), (None, s)):
             launches.clear()
             _run_and_compare(*pair, seq_lens, "triton", budget=40, m=9, sink=4, recent=16, window=1)
-            assert launches == [(3,)]
+            assert launches == [(3, 2)]
 
 
 def test_out_tensors_are_overwritten():
@@ -186,8 +187,9 @@ def test_out_tensors_are_overwritten():
     assert idx.long().tolist() == want_idx.tolist() and count.long().tolist() == want_count.tolist()
 
 
-@pytest.mark.parametrize("config", [{"TILE": 16, "RADIX_BITS": 4}, {"TILE": 512, "RADIX_BITS": 8}],
-                         ids=lambda c: f"tile{c['TILE']}-radix{c['RADIX_BITS']}")
+@pytest.mark.parametrize("config", [{"CHUNK": 256, "TILE": 32, "RADIX_BITS": 4},
+                                    {"CHUNK": 1024, "TILE": 512, "RADIX_BITS": 8}],
+                         ids=lambda c: f"chunk{c['CHUNK']}-tile{c['TILE']}-radix{c['RADIX_BITS']}")
 def test_tie_path_at_tile_boundaries(config):
     """The draft's equal-key rank and the target's running rank cross tile boundaries: ties spread over
     every tile, the needed-th equal block falling in a later tile than the first equal one."""

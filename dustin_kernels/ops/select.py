@@ -7,12 +7,15 @@ Two backends:
 
 - torch: the keys of the whole batch, torch.topk for each signal's threshold, one sort to list the
   chosen blocks ascending;
-- triton (`templates/select_tokens.py.j2`): one launch, one program per sequence: a radix select of the
-  draft threshold over the 32-bit score part of the key (tl.histogram, RADIX_BITS per pass, stopping at
-  the first pass whose boundary bin is taken whole), its ties by lower block (a running tl.cumsum in
-  block order), the same for the target among the blocks the draft left, then the chosen blocks in
-  order. The quotas are host ints (budget, m, sink, recent); every per-sequence decision happens in the
-  kernel, so the launcher never syncs (CUDA-graph capturable).
+- triton (`templates/select_tokens.py.j2`): one launch, grid (B, cdiv(W, CHUNK)): each chunk program
+  lists its chunk's top n_draft by the draft and top free (n_draft + n_target) by the target (enough:
+  the template says why) by a
+  radix select over the 32-bit score part of the key (tl.histogram, RADIX_BITS per pass, stopping at the
+  first pass whose boundary bin is taken whole; ties by lower block, a running tl.cumsum in block order);
+  the row's last program to arrive (an arrival counter) runs the same selects over the lists (the target
+  among the blocks the draft left) and writes the chosen blocks in order. The quotas are host ints
+  (budget, m, sink, recent) and the workspace is allocated per call; every per-sequence decision happens
+  in the kernel, so the launcher never syncs (CUDA-graph capturable).
 """
 from __future__ import annotations
 
@@ -35,20 +38,24 @@ def default_config(launch: Launch) -> dict:
     """Launch config when the perf DB has no entry; the launch's context is W, the score columns.
 
     - interpreter: TILE next_pow2(W) / 8 clamped to [32, 256] (tests walk several tiles per pass; the
-      interpreter pays per step, not per element), RADIX_BITS 8 (4 passes), num_warps 4;
-    - GPU: TILE next_pow2(W) clamped to [1024, 4096] (a 32K-block row is 8 steps per pass, 128K 32),
-      num_warps TILE / 256 (8 blocks per thread: 85-88 registers on sm_90 / sm_80, no spills, at 16
-      warps; ptxas's register choice is erratic near 64: 16 warps with RADIX_BITS 5 or 6 spill on some
-      specs), RADIX_BITS 7 (128 histogram bins, at most 5 passes per signal: tl.histogram costs
-      log2(bins) warp ballots plus bins / 32 popcounts per block, so wide digits cost more per key bit,
-      narrow ones more passes over the row); num_stages 1.
-    The batch does not matter: one program per sequence.
+      interpreter pays per step, not per element), CHUNK next_pow2(W) / 2 (at least TILE, at most 16384:
+      the tests' rows run 2 chunk programs and a merge), RADIX_BITS 8 (4 passes), num_warps 4;
+    - GPU: CHUNK next_pow2(W) / 8 clamped to [1024, 8192] (32K score columns: 8 chunks per row, 128K: 16;
+      the merge walks chunks x (m, free + m, free + 2 m) list slots (free = budget - sink - recent): wider
+      rows take wider chunks), TILE
+      min(CHUNK, 2048), num_warps TILE / 256 (8 blocks per thread), RADIX_BITS 7 (128 histogram bins,
+      at most 5 passes per signal: tl.histogram costs log2(bins) warp ballots plus bins / 32 popcounts
+      per block, so wide digits cost more per key bit, narrow ones more passes); num_stages 1.
+    The batch does not matter (each row has its own programs).
     """
     width = next_pow2(max(launch.context, 1))
     if launch.spec.arch == "interp":
-        return {"TILE": min(256, max(32, width // 8)), "RADIX_BITS": 8, "num_warps": 4, "num_stages": 1}
-    tile = min(4096, max(1024, width))
-    return {"TILE": tile, "RADIX_BITS": 7, "num_warps": tile // 256, "num_stages": 1}
+        tile = min(256, max(32, width // 8))
+        return {"CHUNK": min(16384, max(tile, width // 2)), "TILE": tile, "RADIX_BITS": 8, "num_warps": 4,
+                "num_stages": 1}
+    chunk = min(8192, max(1024, width // 8))
+    tile = min(chunk, 2048)
+    return {"CHUNK": chunk, "TILE": tile, "RADIX_BITS": 7, "num_warps": tile // 256, "num_stages": 1}
 
 
 def _quotas(s_draft, s_target, free: int, m: int) -> tuple[int, int]:
@@ -96,9 +103,20 @@ def _torch_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, w
     return idx, counted if count is None else count.copy_(counted)
 
 
+def _list_slots(n_draft: int, n_target: int, chunk: int) -> tuple[int, int, int]:
+    """Slots of a chunk's draft list (its top n_draft by the draft), target list (its top n_draft + n_target
+    by the target: the template's docstring says why those quotas lose no pick) and their union, each at
+    most the chunk's blocks."""
+    draft, target = n_draft, n_draft + n_target if n_target else 0
+    return min(chunk, draft), min(chunk, target), min(chunk, draft + target)
+
+
 def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, window, block_size, idx=None,
                           count=None):
-    """(idx, count), written into the given tensors (new ones when None): one launch, grid (B,)."""
+    """(idx, count), written into the given tensors (new ones when None): one launch, grid (B, P) of P =
+    cdiv(W, CHUNK) chunk programs per row. Workspace (per call, no host sync): the chunks' candidate lists
+    (int32[B, P, QD + QT + QU]: draft, target, union) and the arrival counters int32[B], zero (the row's
+    last program sets its counter back to zero)."""
     scores = s_draft if s_draft is not None else s_target
     B, W = scores.shape[0], _width(s_draft, s_target)
     device = scores.device
@@ -108,14 +126,18 @@ def _triton_select_tokens(s_draft, s_target, seq_lens, budget, m, sink, recent, 
     n_draft, n_target = _quotas(s_draft, s_target, budget - sink - recent, m)
     if W <= budget:  # every history fits the budget
         n_draft = n_target = 0
+    chunks = -(-W // config["CHUNK"]) if n_draft + n_target else 1
+    slots = _list_slots(n_draft, n_target, config["CHUNK"])
+    lists = torch.empty(max(1, B * chunks * sum(slots)), dtype=torch.int32, device=device)
+    arrived = torch.zeros(B, dtype=torch.int32, device=device)
     idx = torch.empty(B, budget, dtype=torch.int32, device=device) if idx is None else idx
     count = torch.empty(B, dtype=torch.int32, device=device) if count is None else count
     d_args = (s_draft, *s_draft.stride()) if s_draft is not None else (scores, 0, 0)
     t_args = (s_target, *s_target.stride()) if s_target is not None else (scores, 0, 0)
-    codegen.load(call.spec).select_tokens[(B,)](
-        *d_args, *t_args, seq_lens, idx, count, W, window, sink, recent, budget, n_draft, n_target,
-        USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0, TILE=config["TILE"], RADIX_BITS=config["RADIX_BITS"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    codegen.load(call.spec).select_tokens[(B, chunks)](
+        *d_args, *t_args, seq_lens, idx, count, lists, arrived, W, window, sink, recent, budget, n_draft, n_target,
+        *slots, USE_DRAFT=n_draft > 0, USE_TARGET=n_target > 0, CHUNK=config["CHUNK"], TILE=config["TILE"],
+        RADIX_BITS=config["RADIX_BITS"], num_warps=config["num_warps"], num_stages=config["num_stages"])
     return idx, count
 
 
@@ -138,9 +160,10 @@ def aot_launches(arch: str) -> list[Launch]:
 def aot_kernels(spec: KernelSpec, config: dict) -> list:
     """The one kernel with both signals (the path with the most live state: the target's passes exclude
     the draft's blocks), unit column strides as the JIT specialises them."""
-    types = {"d_ptr": "*fp32", "t_ptr": "*fp32", "seq_lens_ptr": "*i32", "idx_ptr": "*i32", "count_ptr": "*i32"}
-    constexprs = {"USE_DRAFT": True, "USE_TARGET": True, "TILE": config["TILE"], "RADIX_BITS": config["RADIX_BITS"],
-                  "d_stride_w": 1, "t_stride_w": 1}
+    types = {"d_ptr": "*fp32", "t_ptr": "*fp32", "seq_lens_ptr": "*i32", "idx_ptr": "*i32", "count_ptr": "*i32",
+             "list_ptr": "*i32", "arrived_ptr": "*i32"}
+    constexprs = {"USE_DRAFT": True, "USE_TARGET": True, "CHUNK": config["CHUNK"], "TILE": config["TILE"],
+                  "RADIX_BITS": config["RADIX_BITS"], "d_stride_w": 1, "t_stride_w": 1}
     return [AotKernel.of(codegen.load(spec).select_tokens, types, constexprs, config["num_warps"],
                          config["num_stages"])]
 
