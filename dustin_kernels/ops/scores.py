@@ -27,8 +27,7 @@ import operator
 import torch
 
 from .. import _checks, codegen, dispatch, library
-from ..aot import AotKernel
-from ..family import OpFamily
+from ..family import AotKernel, OpFamily
 from ..spec import DTYPE_NAMES, DTYPES, KernelSpec, Launch, next_pow2
 
 LOG2E = math.log2(math.e)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, codegen, dispatch, library
-from ..aot import AotKernel
-from ..family import OpFamily
+from ..family import AotKernel, OpFamily
 from ..spec import KernelSpec, Launch, next_pow2
 
 KEY_MIN = -(1 << 63)  # key of blocks that are not candidates

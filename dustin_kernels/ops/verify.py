@@ -16,8 +16,7 @@ import math
 import torch
 
 from .. import _checks, codegen, dispatch, library
-from ..aot import AotKernel
-from ..family import OpFamily
+from ..family import AotKernel, OpFamily
 from ..shapes import PRESETS
 from ..spec import DTYPE_NAMES, KernelSpec, Launch, next_pow2
 
