@@ -49,11 +49,12 @@ class AotKernel:
 
 @dataclasses.dataclass(frozen=True)
 class OpFamily:
+    """The descriptor of one op family (see the module docstring for each field)."""
     kernel: str  # template, perf-DB folder and search-space name
     launch: Callable[..., Launch]
     default_config: Callable[[Launch], dict]
     aot_launches: Callable[[str], list[Launch]]
-    aot_kernels: Callable[[KernelSpec, dict], list]
+    aot_kernels: Callable[[KernelSpec, dict], list[AotKernel]]
 
 
 def family(kernel: str) -> OpFamily:
