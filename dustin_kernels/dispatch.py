@@ -16,8 +16,9 @@ that file's context buckets the nearest in log space wins. A fallback or a miss 
 file (or anything but a regular file) warns and is ignored (the next level or the default rule is
 used); an entry whose config breaks its kernel's search space (`perf_db.config_errors`) warns and
 gives the default rule; entries tuned for an older template are used, with a warning. Files are read
-once per process (`reset()` forgets them). `override()` pins a config (tests, the tuner); `record()` collects the calls (the tuner learns
-each op's DB key); `using()` points the lookup at another folder or device name (tests).
+once per process (`reset()` forgets them). `override()` pins a config (tests, the tuner); `record()`
+collects the calls (the tuner learns each op's DB key); `using()` points the lookup at another folder
+or device name (tests).
 """
 from __future__ import annotations
 

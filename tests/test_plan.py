@@ -36,7 +36,8 @@ def test_run_equals_the_op_for_every_layer(backend, splits, dense):
         out = plan.run(q[layer], k[layer], v[layer])
         assert out is plan.out
         layer_args = (q[layer].double(), k[layer].double(), v[layer].double(), seq_lens)
-        expected = ref.dense_attention(*layer_args) if dense else ref.sparse_verify(*layer_args, idx, count, block_size=4)
+        expected = (ref.dense_attention(*layer_args) if dense
+                    else ref.sparse_verify(*layer_args, idx, count, block_size=4))
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
         with pinned():
             same, lse = op(q[layer], k[layer], v[layer], seq_lens, *selection, **kwargs, backend=backend,

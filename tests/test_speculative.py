@@ -10,7 +10,8 @@ import torch
 
 from dustin_kernels import speculative
 from dustin_kernels.models import ModelConfig, Transformer, causal_attention, init_random
-from dustin_kernels.policies import Dense, DraftAttention, Dustin, RetrievalProfile, Streaming, VerifyContext, make_policy
+from dustin_kernels.policies import (Dense, DraftAttention, Dustin, RetrievalProfile, Streaming, VerifyContext,
+                                     make_policy)
 from dustin_kernels.speculative import Sampler, accept_greedy, accept_sampling, generate, speculative_step, start
 
 VOCAB = 48

@@ -434,7 +434,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for budget in args.budget:
         if budget % args.block_size or budget // args.block_size < math.ceil(4 / args.block_size) + math.ceil(
                 16 / args.block_size):
-            parser.error(f"--budget: expected a multiple of --block-size holding sink 4 + recent 16 tokens, got {budget}")
+            parser.error(f"--budget: expected a multiple of --block-size holding sink 4 + recent 16 tokens, "
+                         f"got {budget}")
     if min(args.batch) < 1 or min(args.context) < 1 or args.window < 1 or args.repeats < 1:
         parser.error("--batch, --context, --window and --repeats must be positive")
     try:

@@ -9,13 +9,13 @@ Two backends:
   chosen blocks ascending;
 - triton (`templates/select_tokens.py.j2`): one launch, grid (B, cdiv(W, CHUNK)): each chunk program
   lists its chunk's top n_draft by the draft and top free (n_draft + n_target) by the target (enough:
-  the template says why) by a
-  radix select over the 32-bit score part of the key (tl.histogram, RADIX_BITS per pass, stopping at the
-  first pass whose boundary bin is taken whole; ties by lower block, a running tl.cumsum in block order);
-  the row's last program to arrive (an arrival counter) runs the same selects over the lists (the target
-  among the blocks the draft left) and writes the chosen blocks in order. The quotas are host ints
-  (budget, m, sink, recent) and the workspace is allocated per call; every per-sequence decision happens
-  in the kernel, so the launcher never syncs (CUDA-graph capturable).
+  the template says why) by a radix select over the 32-bit score part of the key (tl.histogram,
+  RADIX_BITS per pass, stopping at the first pass whose boundary bin is taken whole; ties by lower
+  block, a running tl.cumsum in block order); the row's last program to arrive (an arrival counter)
+  runs the same selects over the lists (the target among the blocks the draft left) and writes the
+  chosen blocks in order. The quotas are host ints (budget, m, sink, recent) and the workspace is
+  allocated per call; every per-sequence decision happens in the kernel, so the launcher never syncs
+  (CUDA-graph capturable).
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ def default_config(launch: Launch) -> dict:
       the tests' rows run 2 chunk programs and a merge), RADIX_BITS 8 (4 passes), num_warps 4;
     - GPU: CHUNK next_pow2(W) / 8 clamped to [1024, 8192] (32K score columns: 8 chunks per row, 128K: 16;
       the merge walks chunks x (m, free + m, free + 2 m) list slots (free = budget - sink - recent): wider
-      rows take wider chunks), TILE
-      min(CHUNK, 2048), num_warps TILE / 256 (8 blocks per thread), RADIX_BITS 7 (128 histogram bins,
-      at most 5 passes per signal: tl.histogram costs log2(bins) warp ballots plus bins / 32 popcounts
-      per block, so wide digits cost more per key bit, narrow ones more passes); num_stages 1.
+      rows take wider chunks), TILE min(CHUNK, 2048), num_warps TILE / 256 (8 blocks per thread),
+      RADIX_BITS 7 (128 histogram bins, at most 5 passes per signal: tl.histogram costs log2(bins) warp
+      ballots plus bins / 32 popcounts per block, so wide digits cost more per key bit, narrow ones more
+      passes); num_stages 1.
     The batch does not matter (each row has its own programs).
     """
     width = next_pow2(max(launch.context, 1))

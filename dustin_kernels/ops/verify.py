@@ -348,8 +348,9 @@ def sparse_verify(q, k_cache, v_cache, seq_lens, idx, count, *, block_size=1, sc
 
     CUDA graphs: the Triton path launches without host synchronisation and allocates per call only
     what shapes and the launch config determine (out, lse, and when num_splits > 1 the workspace of the
-    partial results, [B*Hq*T, num_splits, D + 1] fp32 values, and B*Hkv zeroed int32 counters); value checks of seq_lens / idx / count read the tensors on the host and
-    are skipped while a graph is being captured, so validate them before capturing.
+    partial results, [B*Hq*T, num_splits, D + 1] fp32 values, and B*Hkv zeroed int32 counters); value
+    checks of seq_lens / idx / count read the tensors on the host and are skipped while a graph is being
+    captured, so validate them before capturing.
     """
     _check_flag(return_lse)
     scale, device = _check_cache_inputs(q, k_cache, v_cache, seq_lens, idx, count, block_size, scale)
