@@ -26,6 +26,7 @@ depth and of the target layer at 1/2 of its depth, m = budget // 4.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -43,6 +44,11 @@ PHASES = {name: f"dustin.{name}" for name in ("draft", "select", "target", "refi
 POLICIES = ("dense", "dustin", "dustin-paper", "draft-only", "target-only", "streaming", "quest")
 TARGET_SIGNAL = ("dustin", "dustin-paper", "target-only")  # policies with a target signal to estimate
 PROFILE_FORMAT = "dustin-profile/1"
+
+
+def phase(name: str):
+    """The profiler range of the step's phase `name` (none while compiling: torch.compile drops such ranges)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else record_function(PHASES[name])
 
 
 @dataclasses.dataclass
@@ -172,10 +178,10 @@ class StepAttention:
 
     def __call__(self, q, k_cache, v_cache, seq_lens, return_lse=False):
         if self.refine is not None:
-            with record_function(PHASES["refine"]):
+            with phase("refine"):
                 self.selection = self.refine(len(self.read), q, k_cache, seq_lens, self.selection)
         self.read.append(history_read(self.selection, self.lens, self.block_size))
-        with record_function(PHASES["attention"]):
+        with phase("attention"):
             if torch.compiler.is_compiling():
                 if self.selection is None:
                     return dense_verify(q, k_cache, v_cache, seq_lens, return_lse=return_lse)

@@ -28,12 +28,11 @@ import time
 from typing import NamedTuple, Sequence
 
 import torch
-from torch.autograd.profiler import record_function
 
 from . import dense_verify, trusted_inputs
 from .fidelity import Probe
 from .models import KVCache, Transformer
-from .policies import PHASES, Dense, DraftAttention, VerifyContext
+from .policies import Dense, DraftAttention, VerifyContext, phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +106,14 @@ class State:
     estimate: bool = True
     target_scores: torch.Tensor | None = None
 
+    def cloned(self) -> State:
+        """A copy of the tensors: a compiled step's outputs live in its CUDA graph's memory, which the next
+        replay overwrites, so the state carried into that step must not be them."""
+        return dataclasses.replace(
+            self, lens=self.lens.clone(), pending=self.pending.clone(), active=self.active.clone(),
+            target_queries={layer: q.clone() for layer, q in self.target_queries.items()},
+            target_scores=None if self.target_scores is None else self.target_scores.clone())
+
 
 class Step(NamedTuple):
     tokens: torch.Tensor  # int64[B, gamma + 1]: accepted drafts then the target's token; first counts[b] valid
@@ -154,7 +161,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     token = state.pending[:, None]
     drafts, draft_probs = [], []
     draft_queries, draft_lse = {layer: [] for layer in policy.draft_heads}, {layer: [] for layer in policy.draft_heads}
-    with record_function(PHASES["draft"]):
+    with phase("draft"):
         for i in range(T if gamma else 0):
             attend = DraftAttention(policy.draft_heads)
             hidden, queries = draft(token, draft_cache, lens + i, attend=attend, capture=policy.draft_heads)
@@ -175,7 +182,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     ctx = VerifyContext(lens, T, {k: torch.cat(v, 2) for k, v in draft_queries.items()},
                         {k: torch.cat(v, 2) for k, v in draft_lse.items()}, draft_cache, state.target_queries,
                         target_cache, state.estimate, state.target_scores)
-    with record_function(PHASES["select"]):
+    with phase("select"):
         attention = policy.attention(ctx)
     window = torch.cat([state.pending[:, None], drafts], 1)
     probed = probe is not None and not attention.dense
@@ -184,7 +191,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         dense_hidden, _ = target(window, target_cache, lens, attend=dense_verify)
         probe.begin(attention, state.active)
         attend = probe.attend
-    with record_function(PHASES["target"]):
+    with phase("target"):
         hidden, queries = target(window, target_cache, lens, attend=attend, capture=policy.target_heads)
         logits = target.logits(hidden)[..., :vocab]
     if probed:
@@ -211,13 +218,24 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
     return Step(tokens, counts, new_state, read, dense)
 
 
+STEP_GRAPHS = 64  # graphs of the step one process may build: one or two per policy, gamma and batch
+
+
 @functools.cache
 def compiled_step(backend: str = "inductor", device_type: str = "cpu"):
-    """`speculative_step` compiled into one graph per (batch, policy, gamma, shapes) (`fullgraph=True`:
-    the ops are opaque custom ops, lengths stay on the device); on CUDA with Inductor its replays are
-    CUDA graphs (`mode="reduce-overhead"`)."""
+    """`speculative_step` compiled into one graph per (policy, gamma, models) (`fullgraph=True`: the ops are
+    opaque custom ops, lengths stay on the device); `generate` marks the caches' length dynamic, so any
+    context reuses it. On CUDA with Inductor its replays are CUDA graphs (`mode="reduce-overhead"`), recorded
+    once per batch and cache size."""
     mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
-    return torch.compile(speculative_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    compiled = torch.compile(speculative_step, fullgraph=True, backend=backend, mode=mode)
+
+    @functools.wraps(speculative_step)
+    def step(*args):
+        with torch._dynamo.config.patch(recompile_limit=STEP_GRAPHS):  # fullgraph: past the limit is an error
+            return compiled(*args)
+
+    return step
 
 
 @dataclasses.dataclass
@@ -233,6 +251,8 @@ class Stats:
     accept_hist: list[int] = dataclasses.field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    step_s: list[float] = dataclasses.field(default_factory=list)  # wall time of each decode step
+    step_tokens: list[int] = dataclasses.field(default_factory=list)  # new tokens of each decode step
     kv_read_bytes: int = 0
     kv_dense_bytes: int = 0
     score_bytes: int = 0
@@ -246,6 +266,12 @@ class Stats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    def steady(self) -> tuple[float, float]:
+        """(ms per step, tokens/s) of the steps after the first, whose time may include recording a CUDA
+        graph for the run's new caches (all steps when there is one)."""
+        seconds, tokens = self.step_s[1:] or self.step_s, self.step_tokens[1:] or self.step_tokens
+        return (1e3 * sum(seconds) / len(seconds), sum(tokens) / sum(seconds)) if seconds else (0.0, 0.0)
 
     @property
     def kv_fraction(self) -> float:
@@ -302,15 +328,19 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     probe = Probe() if fidelity else None
     begin = time.perf_counter()
     draft_cache, target_cache, state = start(draft, target, prompts, max_len or need, policy, chunk=chunk)
-    if compile and target.device.type == "cuda":  # CUDA graphs keep the caches where they were captured
+    if compile:
         for t in target_cache.k + target_cache.v + (draft_cache.k + draft_cache.v if draft_cache else []):
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.maybe_mark_dynamic(t, 2)  # one graph for every cache length
+            if target.device.type == "cuda":  # CUDA graphs keep the caches where they were captured
+                torch._dynamo.mark_static_address(t)
     done = [n == 0 for n in max_new]
     state.active = torch.tensor([not d for d in done], device=target.device)
     per_token = target_cache.kv_bytes_per_token() // target.config.num_layers  # per layer
     out: list[list[int]] = [[] for _ in prompts]
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)  # the prefill's kernels in its time, not in the first step's
     stats.prefill_s = time.perf_counter() - begin
-    begin = time.perf_counter()
+    begin = tick = time.perf_counter()
     from tqdm import tqdm
 
     read = dense = scores = torch.zeros((), dtype=torch.long, device=target.device)  # on the device: no syncs
@@ -318,24 +348,30 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
         while not all(done):
             state.estimate = policy.estimates(stats.steps)
             scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active, state.estimate)
+            if compile and target.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # this step's replay may reuse the last one's memory
             step = step_fn(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
-            tokens, counts = step.tokens.tolist(), step.counts.tolist()  # the step's one host sync
-            before = sum(map(len, out))
-            for b in range(B):
+            emitted = torch.cat([step.tokens, step.counts[:, None]], 1).tolist()  # the step's one host sync
+            before, ended = sum(map(len, out)), False
+            for b, (*tokens, count) in enumerate(emitted):
                 if done[b]:
                     continue
-                stats.accept_hist[counts[b] - 1] += 1
-                for t in tokens[b][: counts[b]]:
+                stats.accept_hist[count - 1] += 1
+                for t in tokens[:count]:
                     out[b].append(t)
                     if t in eos or len(out[b]) == max_new[b]:
-                        done[b] = True
+                        done[b] = ended = True
                         break
-            state = step.state
-            state.active = torch.tensor([not d for d in done], device=target.device)
-            state.lens = torch.where(state.active, state.lens, 0)  # finished: parked at length 0, cheap
+            state = step.state.cloned() if compile else step.state
+            if ended:  # parked at length 0, cheap (the step's one host-to-device copy, only when one ends)
+                state.active = torch.tensor([not d for d in done], device=target.device)
+                state.lens = torch.where(state.active, state.lens, 0)
             stats.steps += 1
             read, dense = read + step.read_tokens, dense + step.dense_tokens
-            bar.update(sum(map(len, out)) - before)
+            stats.step_tokens.append(sum(map(len, out)) - before)
+            stats.step_s.append(time.perf_counter() - tick)
+            tick += stats.step_s[-1]
+            bar.update(stats.step_tokens[-1])
     stats.decode_s = time.perf_counter() - begin
     stats.kv_read_bytes, stats.kv_dense_bytes = int(read) * per_token, int(dense) * per_token
     stats.score_bytes = int(scores)

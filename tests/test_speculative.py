@@ -70,6 +70,12 @@ def test_greedy_dense_equals_target_greedy(target, draft, reference, gamma):
     hist = out.stats.accept_hist
     assert len(hist) == gamma + 1 and sum((k + 1) * c for k, c in enumerate(hist)) >= sum(map(len, reference))
     assert out.stats.kv_read_bytes == out.stats.kv_dense_bytes > 0 and out.stats.score_bytes == 0
+    stats = out.stats
+    assert len(stats.step_s) == len(stats.step_tokens) == stats.steps and sum(stats.step_tokens) == stats.new_tokens
+    assert sum(stats.step_s) <= stats.decode_s and all(s > 0 for s in stats.step_s)
+    ms, tokens_per_s = stats.steady()
+    assert ms == pytest.approx(1e3 * sum(stats.step_s[1:]) / (stats.steps - 1))
+    assert tokens_per_s == pytest.approx(sum(stats.step_tokens[1:]) / sum(stats.step_s[1:]))
 
 
 def test_plain_decoding_equals_target_greedy(target, reference):
