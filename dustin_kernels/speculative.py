@@ -279,7 +279,9 @@ class Stats:
         return (self.kv_read_bytes + self.score_bytes) / self.kv_dense_bytes if self.kv_dense_bytes else 1.0
 
     def to_json(self) -> dict:
+        ms_per_step, tokens_per_s = self.steady()
         return {**dataclasses.asdict(self), "mean_accept": self.mean_accept, "tokens_per_s": self.tokens_per_s,
+                "steady_ms_per_step": ms_per_step, "steady_tokens_per_s": tokens_per_s,
                 "kv_fraction": self.kv_fraction}
 
 
