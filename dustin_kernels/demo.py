@@ -18,7 +18,7 @@ import torch
 
 from . import attention_scores, dense_verify, select_tokens, sparse_verify
 from .devices import default_device, device_arg
-from .timing import QuantileTimer
+from .measurement import QuantileTimer
 from .shapes import PRESETS, spread_heads
 
 

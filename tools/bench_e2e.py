@@ -50,7 +50,6 @@ import argparse
 import collections
 import csv
 import dataclasses
-import datetime
 import json
 import re
 import sys
@@ -66,7 +65,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dustin_kernels import codegen, testbed  # noqa: E402
-from dustin_kernels.timing import copy_gbs, git_commit  # noqa: E402
+from dustin_kernels.measurement import copy_gbs, provenance  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import DTYPES  # noqa: E402
 from dustin_kernels.policies import PHASES, POLICIES, make_policy  # noqa: E402
@@ -443,12 +442,9 @@ def main(argv=None) -> int:
                 print(f"context {context:6} batch {batch:3} {name:12} {r['tokens_per_s']:9.1f} tok/s  accept "
                       f"{r['mean_accept']:.2f}  {r['ms_per_step']:8.2f} ms/step  floor {r['floor_fraction']:6.1%}  "
                       f"recall {r['recall']:.0%}  {profile_line(r)}", file=sys.stderr, flush=True)
-    meta = {"device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "commit": git_commit(ROOT),
-            "date": datetime.datetime.now().astimezone().isoformat(),
-            "command": " ".join(sys.argv), "copy_gbs": bandwidth, "testbed": dataclasses.asdict(spec),
-            "dtype": args.dtype, "gamma": args.gamma, "budget": args.budget, "new_tokens": args.new_tokens,
-            "compile": args.compile}
+    meta = {**provenance(args.device, ["tools/bench_e2e.py", *(sys.argv[1:] if argv is None else argv)]),
+            "copy_gbs": bandwidth, "testbed": dataclasses.asdict(spec), "dtype": args.dtype, "gamma": args.gamma,
+            "budget": args.budget, "new_tokens": args.new_tokens, "compile": args.compile}
     paper = paper_shape()
     (args.out / "bench_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows, "paper_shape": paper}, indent=1))
     write_csv(args.out / "bench_e2e.csv", rows)

@@ -12,8 +12,9 @@ p20/p50/p80 time, achieved GB/s and its fraction of the copy bandwidth measured 
 
 Protocol. CUDA: each op is captured in a CUDA graph (as engines run decode; plain launches where
 capture fails, said per row) and its replay timed with `triton.testing.do_bench` quantiles (25 ms
-warm-up, 100 ms of timed calls; it zeroes a 256 MB buffer before every timed call, flushing L2). CPU: one warm-up call, then --repeats
-timed calls, each after zeroing a 64 MiB buffer (more than this machine's 32 MiB L3), wall-clock quantiles.
+warm-up, 100 ms of timed calls; it zeroes a 256 MB buffer before every timed call, flushing L2). CPU: one
+warm-up call, then --repeats timed calls, each after zeroing a 64 MiB buffer (more than this machine's 32 MiB
+L3), wall-clock quantiles.
 Each op is timed through its backend path (`ops.<family>._<backend>_<op>`, what the public function
 dispatches to) after one validated public call: the public functions read idx / seq_lens on the host
 to validate them (skipped under CUDA-graph capture), which would otherwise dominate microsecond kernels.
@@ -29,21 +30,19 @@ on 1 layer x 4 heads of the target. Selection share = (draft + target + select) 
 layer's sparse_verify): the selection runs once per step and its index serves every target layer
 (layers from the preset).
 
-Bytes floors: FLOORS below (also written into each result file). Copy bandwidth counts the bytes
-read plus the bytes written by one large copy (1 GiB on CUDA, 256 MiB on CPU; launched plainly, see
-`dustin_kernels.timing.copy_gbs`, the tuner's figure too), like the floors, so copy_frac is
+Bytes floors: FLOORS below (also written into each result file), counted by the bytes model of
+`dustin_kernels.measurement` (the tuner's too). Copy bandwidth counts the bytes read plus the bytes
+written by one large copy (1 GiB on CUDA, 256 MiB on CPU; launched plainly, see
+`dustin_kernels.measurement.copy_gbs`, the tuner's figure too), like the floors, so copy_frac is
 the fraction of the device's measured memory speed that an op achieves on its floor.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib.util
 import json
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -54,12 +53,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dustin_kernels  # noqa: E402
 from dustin_kernels import (attention_scores, attention_scores_layers, dense_verify, dispatch,  # noqa: E402
                             select_tokens, sparse_verify)
 from dustin_kernels import codegen  # noqa: E402
 from dustin_kernels.ops import scores as scores_ops, select as select_ops, verify as verify_ops  # noqa: E402
-from dustin_kernels.timing import CPU_FLUSH_BYTES, QUANTILES, QuantileTimer, copy_gbs, git_commit  # noqa: E402
+from dustin_kernels.measurement import (CPU_FLUSH_BYTES, QUANTILES, QuantileTimer, copy_gbs, provenance,  # noqa: E402
+                                        scores_bytes, select_bytes, used_kv_heads, verify_bytes)
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.shapes import PRESETS, spread_heads  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
@@ -68,18 +67,21 @@ SMALL_GRID = dict(batch=[1, 4], context=[4096, 16384, 32768], budget=[256])  # c
 FULL_GRID = dict(batch=[1, 4, 16], context=[4096 << i for i in range(6)], budget=[128, 512, 2048])
 DRAFT_LAYERS, RETRIEVAL_HEADS = 3, 4
 BASELINES = ("sdpa", "flash_attn", "flashinfer")
-FLOORS = {  # what each row's `bytes` counts: reads and writes once, no split-KV partials or spills
-    "sparse_verify": "q, the selected history K/V rows (distinct positions below ctx_len), the T window K/V "
-                     "rows, the used idx entries, count, seq_lens, the output",
-    "dense_verify": "q, every valid K/V row (seq_lens), seq_lens, the output; the same for every provider "
-                    "(the SDPA mask and FlashInfer's page table are not counted)",
+# what each row's `bytes` counts (dustin_kernels.measurement's bytes model): every input element the op needs
+# read once, every output element written once; no split-KV partials or spills
+FLOORS = {
+    "sparse_verify": "q, the selected history K/V rows of every KV head (distinct positions below ctx_len), the T "
+                     "window K/V rows, the used idx entries (below count), count, seq_lens, the output",
+    "dense_verify": "q, every valid K/V row of every KV head (seq_lens), seq_lens, the output; the same for every "
+                    "provider (the SDPA mask and FlashInfer's page table are not counted)",
     "attention_scores": "the valid K rows of the KV heads that the chosen q-heads use, once (the two-pass "
                         "kernel reads them twice: at most 50% of this floor's bandwidth; ONE_PASS reads them once "
                         "and adds 8 bytes per row and block), the chosen q rows, seq_lens, the float32 "
                         "[B, ceil(N_max / block_size)] output",
     "attention_scores_layers": "per layer, the valid K rows of the used KV heads once, the chosen q rows and "
                                "their float32 log-sum-exp; seq_lens and the float32 output once",
-    "select_tokens": "both float32 score rows over the history blocks once, seq_lens, idx, count",
+    "select_tokens": "both float32 score rows over the history blocks (ceil(ctx_len / block_size)) once, "
+                     "seq_lens, the int32 idx [B, budget blocks] and count",
 }
 FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batch", "context", "budget",
           "bytes", "p20_ms", "p50_ms", "p80_ms", "gbps", "copy_frac", "ideal_ratio", "floor_ratio",
@@ -88,10 +90,6 @@ FIELDS = ("kernel", "provider", "preset", "dtype", "window", "block_size", "batc
 
 
 # --- the workload ---------------------------------------------------------------------------------
-
-
-def used_kv_heads(heads, shape) -> int:
-    return len({h // shape.group for h in heads})
 
 
 class Buffers:
@@ -160,54 +158,6 @@ def make_flashinfer(q, k_nhd, v_nhd, seq_lens, scale, page: int = 16):
     return lambda: wrapper.run(q_rows, (k_pages, v_pages)).view(B, T, Hq, D).transpose(1, 2)
 
 
-# --- bytes floors ---------------------------------------------------------------------------------
-
-def verify_floor(shape, batch: int, window: int, kv_rows: int, esize: int, index_entries: int = 0) -> int:
-    """q + kv_rows K/V rows of every KV head + output + seq_lens (+ idx entries and count)."""
-    q_out = 2 * batch * shape.q_heads * window * shape.head_dim * esize
-    kv = 2 * kv_rows * shape.kv_heads * shape.head_dim * esize
-    index = 4 * (index_entries + batch) if index_entries else 0
-    return q_out + kv + 4 * batch + index
-
-
-def scores_floor(shape, heads, rows: int, keys: int, batch: int, out_cols: int, esize: int) -> int:
-    """The used KV heads' valid keys once + the chosen q rows + the float32 output."""
-    k = keys * used_kv_heads(heads, shape) * shape.head_dim * esize
-    return k + batch * len(heads) * rows * shape.head_dim * esize + 4 * batch * out_cols + 4 * batch
-
-
-# --- provenance -----------------------------------------------------------------------------------
-
-def provenance(device: torch.device, argv: list[str]) -> dict:
-    import triton
-
-    commit = git_commit(ROOT) or "unknown"
-
-    meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "triton": triton.__version__, "version": dustin_kernels.__version__, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "tools/bench_kernels.py", *argv]), "host": platform.node()}
-    if device.type == "cuda":
-        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        meta["cuda"] = torch.version.cuda
-    else:
-        meta["threads"] = torch.get_num_threads()
-    meta["loadavg_1min"] = os.getloadavg()[0]  # other work on the machine while it ran
-    return meta
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 class Bench:
@@ -226,7 +176,7 @@ class Bench:
         self.impl = {name: getattr(mod, f"_{self.backend}_{name}") for name, mod in (
             ("sparse_verify", verify_ops), ("attention_scores", scores_ops), ("select_tokens", select_ops))}
         self.timer = QuantileTimer(self.device, args.repeats)
-        self.meta = provenance(self.device, argv)
+        self.meta = provenance(self.device, ["tools/bench_kernels.py", *argv])
         self.meta.update(
             preset=args.preset, shape=vars(self.shape) | {"group": self.shape.group}, draft=args.draft,
             draft_shape=vars(self.draft), dtype=args.dtype, window=self.T, block_size=self.bs, backend=self.backend,
@@ -265,7 +215,8 @@ class Bench:
         buf = self.buf
         q, k, v = buf.q[:B], buf.k[:B, :, :n], buf.v[:B, :, :n]
         seq_lens = torch.full((B,), C + T, dtype=torch.int32, device=self.device)
-        dense_bytes = verify_floor(self.shape, B, T, B * (C + T), self.esize)
+        shape, draft, esize = self.shape, self.draft, self.esize
+        dense_bytes = verify_bytes(B, shape.q_heads, shape.kv_heads, shape.head_dim, T, B * (C + T), esize)
         dense = self.dense_rows(B, C, q, k, v, seq_lens, dense_bytes)
 
         # the selection's inputs: draft lookahead (DRAFT_LAYERS draft layers, T rows, lse given) and target
@@ -278,16 +229,17 @@ class Bench:
                                           block_size=self.bs, backend=self.backend)
         s_target = attention_scores(q_last, k, last_lens, heads=self.target_heads, block_size=self.bs,
                                     backend=self.backend)
-        one_layer = scores_floor(self.draft, self.draft_heads, T, B * (C + T), B, 0, self.esize) - 4 * B
         draft_row = self.record(
             "attention_scores_layers[draft]", self.backend, B, C, None,
-            DRAFT_LAYERS * (one_layer + 4 * B * len(self.draft_heads) * T) + 4 * B * (s_draft.shape[1] + 1),
+            scores_bytes(B, len(self.draft_heads), used_kv_heads(self.draft_heads, draft.group), draft.head_dim, T,
+                         B * (C + T), s_draft.shape[1], esize, layers=DRAFT_LAYERS, lse=True),
             lambda: scores_ops._attention_scores_layers_into(
                 *layers.values(), seq_lens, s_draft, list(self.draft_heads) * DRAFT_LAYERS,
                 [len(self.draft_heads)] * DRAFT_LAYERS, self.bs, self.draft_scale, self.backend))
         target_row = self.record(
             "attention_scores[target]", self.backend, B, C, None,
-            scores_floor(self.shape, self.target_heads, 1, B * (C + 1), B, s_target.shape[1], self.esize),
+            scores_bytes(B, len(self.target_heads), used_kv_heads(self.target_heads, shape.group), shape.head_dim, 1,
+                         B * (C + 1), s_target.shape[1], esize),
             lambda: self.impl["attention_scores"](q_last, k, last_lens, self.target_heads, self.bs, self.scale))
         scores_ms = draft_row["p50_ms"] + target_row["p50_ms"]
 
@@ -297,13 +249,14 @@ class Bench:
             sel = (s_draft, s_target, seq_lens, blocks, m, sink, recent, T, bs)
             idx, count = select_tokens(s_draft, s_target, seq_lens, budget=blocks, m=m, sink=sink, recent=recent,
                                        window=T, block_size=bs, backend=self.backend)
-            select_bytes = 4 * (2 * B * math.ceil(C / bs) + B + B * blocks + B)
-            select_row = self.record("select_tokens", self.backend, B, C, budget, select_bytes,
+            select_row = self.record("select_tokens", self.backend, B, C, budget,
+                                     select_bytes(B, B * math.ceil(C / bs), blocks),
                                      lambda: self.impl["select_tokens"](*sel))
             sparse_verify(q, k, v, seq_lens, idx, count, block_size=bs, backend=self.backend)  # validates idx
             used = torch.arange(blocks, device=self.device)[None, :] < count[:, None]
             selected = int(((C - idx.long() * bs).clamp(0, bs) * used).sum())  # history tokens read
-            sparse_bytes = verify_floor(self.shape, B, T, selected + B * T, self.esize, int(count.sum()))
+            sparse_bytes = verify_bytes(B, shape.q_heads, shape.kv_heads, shape.head_dim, T, selected + B * T, esize,
+                                        int(count.sum()))
             row = self.record("sparse_verify", self.backend, B, C, budget, sparse_bytes, lambda: self.impl[
                 "sparse_verify"](q, k, v, seq_lens, idx, count, None, block_size=bs, scale=self.scale, variant=""))
             selection_ms = scores_ms + select_row["p50_ms"]

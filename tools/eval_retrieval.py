@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,8 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dustin_kernels import testbed  # noqa: E402
-from dustin_kernels.timing import git_commit  # noqa: E402
+from dustin_kernels import measurement, testbed  # noqa: E402
 from dustin_kernels.devices import default_device, device_arg  # noqa: E402
 from dustin_kernels.models import ModelConfig  # noqa: E402
 from dustin_kernels.policies import POLICIES, TARGET_SIGNAL, RetrievalProfile, make_policy  # noqa: E402
@@ -46,10 +43,9 @@ from dustin_kernels.shapes import PRESETS  # noqa: E402
 from dustin_kernels.spec import DTYPES  # noqa: E402
 from dustin_kernels.speculative import generate  # noqa: E402
 
-FIELDS = ("context", "budget", "policy", "estimate_every", "recall", "mean_accept", "mass_kept", "greedy_agreement", "kv_fraction",
-          "prompts", "seconds")
-FIDELITY = ("mass_kept", "greedy_agreement")
-TARGET_SIGNAL = ("dustin", "dustin-paper", "target-only")  # the policies with a target signal to re-estimate  # from stats.fidelity; None for dense (nothing to compare)
+FIELDS = ("context", "budget", "policy", "estimate_every", "recall", "mean_accept", "mass_kept", "greedy_agreement",
+          "kv_fraction", "prompts", "seconds")
+FIDELITY = ("mass_kept", "greedy_agreement")  # from stats.fidelity; None for dense (nothing to compare)
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -179,13 +175,10 @@ def sweep(args) -> list[dict]:
 
 
 def provenance(args, argv: list[str]) -> dict:
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": f"{device.type}: {name}", "dtype": args.dtype,
-            "torch": torch.__version__, "commit": git_commit(ROOT) or "unknown",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "tools/eval_retrieval.py", *argv]),
-            "testbed": dataclasses.asdict(args.spec), "profile": args.retrieval.to_json(source=args.retrieval.source),
+    """`measurement.provenance` and the sweep's settings."""
+    return {**measurement.provenance(torch.device(args.device), ["tools/eval_retrieval.py", *argv]),
+            "dtype": args.dtype, "testbed": dataclasses.asdict(args.spec),
+            "profile": args.retrieval.to_json(source=args.retrieval.source),
             "gamma": args.gamma, "new_tokens": args.values, "prompts": args.prompts, "seed": args.seed,
             "selection": "make_policy's defaults: sink 4, recent 16, m = budget // 4 unless the profile sets it; "
                          "quest: pages of 16 tokens, budget // 16 of them",
@@ -242,7 +235,7 @@ def plot(rows: list[dict], key: str, label: str, path: Path, meta: dict) -> None
     fig.suptitle(f"{label[0].upper() + label[1:]} vs verification budget, retrieval testbed (synthetic copy task)\n"
                  f"hand-built {shape['layers']}-layer target ({shape['q_heads']} q / {shape['kv_heads']} KV heads of "
                  f"{shape['head_dim']}), 2-layer draft, {meta['prompts']} prompts per point, gamma {meta['gamma']}, "
-                 f"greedy, {meta['device'].split(':')[0]} {meta['dtype']}", fontsize=10)
+                 f"greedy, {meta['device_type']} {meta['dtype']}", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -40,7 +40,7 @@ import torch
 
 from .. import aot, codegen, dispatch
 from ..family import family
-from ..timing import copy_gbs, cuda_graph, git_commit  # noqa: F401  (the tuner's and perf_check's names)
+from ..measurement import cuda_graph, git_commit, versions
 from .search import CUT
 from .workloads import Problem, Workload, build
 
@@ -429,17 +429,13 @@ class Preparer:
 
 
 def environment(device: torch.device, monitor: Monitor) -> dict:
-    """Provenance fields of the DB's _meta that describe the machine and software."""
-    import triton
-
-    from .. import __file__ as package_file
-
+    """Provenance fields of the DB's _meta that describe the machine and software (keys fixed by the DB's
+    schema; `dustin_kernels.measurement.provenance` is the benchmarks' counterpart)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu = {"gpu_name": props.name, "compute_capability": f"{props.major}.{props.minor}",
                "sm_count": props.multi_processor_count}
     else:
         gpu = {"gpu_name": "cpu (Triton interpreter)", "compute_capability": None, "sm_count": None}
-    return {**gpu, **monitor.info(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "git_commit": git_commit(Path(package_file).resolve().parents[1])}
+    return {**gpu, **monitor.info(), **versions(), "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "git_commit": git_commit()}

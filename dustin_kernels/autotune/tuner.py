@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import codegen, dispatch, perf_db
+from ..measurement import copy_gbs
 from . import measure, search, space
 from .workloads import Workload, build
 
@@ -133,7 +134,7 @@ class Tuner:
         self.slug = dispatch.device_slug(self.arch, self.device)
         self.timer = measure.Timer(self.device, rep_ms=options.rep_ms)
         self.env = measure.environment(self.device, self.timer.monitor)
-        self.copy_gbs = measure.copy_gbs(self.device) if self.device.type == "cuda" else None  # interpreter: no figure
+        self.copy_gbs = copy_gbs(self.device) if self.device.type == "cuda" else None  # interpreter: no figure
         self.log = TrialLog(options.log_dir / "trials.jsonl")
         self.journal = options.log_dir / "journal.log"
         if self.journal.exists() and not options.resume:  # a fresh run keeps the old journal aside

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ..measurement import scores_bytes, select_bytes, used_kv_heads, verify_bytes
 from ..shapes import spread_heads
 from ..spec import DTYPES, Launch
 
@@ -118,20 +119,21 @@ class Workload:
         return self.launch(arch).key()
 
     def bytes_moved(self) -> int:
-        """Bytes the op must read and write at least (each input element it needs once)."""
-        elem = DTYPES[self.dtype].itemsize
-        B, D = self.batch, self.head_dim
+        """The op's bytes floor (`dustin_kernels.measurement`'s bytes model, bench_kernels' too): every
+        sequence full length; sparse reads its budget's blocks whole (a partial last block holds fewer)."""
+        elem, B, D = DTYPES[self.dtype].itemsize, self.batch, self.head_dim
         if self.kernel == "attention_scores":
-            used_kv = len({h // (self.q_heads // self.kv_heads) for h in self.score_heads})
-            layer = (B * used_kv * self.n_max * D + B * len(self.score_heads) * self.rows * D) * elem
-            if self.name == "lookahead":  # per layer also the rows' lse, float32
-                layer = LOOKAHEAD_LAYERS * (layer + 4 * B * len(self.score_heads) * self.rows)
-            return layer + 4 * B * math.ceil(self.n_max / self.block_size)
+            heads, lookahead = self.score_heads, self.name == "lookahead"
+            return scores_bytes(B, len(heads), used_kv_heads(heads, self.q_heads // self.kv_heads), D, self.rows,
+                                B * self.n_max, math.ceil(self.n_max / self.block_size), elem,
+                                layers=LOOKAHEAD_LAYERS if lookahead else 1, lse=lookahead)
         if self.kernel == "select_tokens":
-            return 2 * 4 * B * self.history_blocks + 4 * B * (self.budget + 1)
-        kv_rows = self.context if self.name == "dense" else min(self.budget * self.block_size, self.context)
-        qo = 2 * B * self.q_heads * self.window * D * elem
-        return 2 * B * self.kv_heads * (kv_rows + self.window) * D * elem + qo
+            return select_bytes(B, B * self.history_blocks, self.budget)
+        if self.name == "dense":
+            return verify_bytes(B, self.q_heads, self.kv_heads, D, self.window, B * self.n_max, elem)
+        history = min(self.budget * self.block_size, self.context)
+        return verify_bytes(B, self.q_heads, self.kv_heads, D, self.window, B * (history + self.window), elem,
+                            B * min(self.budget, self.history_blocks))
 
     def small(self) -> "Workload":
         """The correctness problem: same spec, batch <= 2, a shorter history (ragged in `build`)."""
