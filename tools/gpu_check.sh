@@ -12,7 +12,10 @@
 #   0. packages: Python packages this machine lacks are installed from tools/wheels/*.whl (no index, no
 #      network; see tools/wheels/README.md), each only if its distribution is not installed already;
 #      then dustin_kernels itself, editable, without dependencies or build isolation;
-#   tests: the GPU tier, `pytest -m gpu` with TRITON_INTERPRET=0 (compiled Triton on CUDA tensors);
+#   tests: the GPU tier, `pytest -m gpu` with TRITON_INTERPRET=0 (compiled Triton on CUDA tensors): the ops
+#      against the float64 references at model shapes, the last-arrival merges under real concurrency, a
+#      captured step's kernels replayed on new inputs, and the compiled decode step under CUDA graphs
+#      (tests/test_gpu_step.py: the e2e step's preflight);
 #   generate: the generator's demo on CUDA (`generate --demo --fidelity`: the retrieval testbed, every
 #      policy side by side);
 #   tune: qwen2.5-72b attention (the 'headline' grid: batch 16, contexts 8K/16K/32K, budget 512, every
@@ -27,8 +30,8 @@
 #      and the eager step profiled by phase (host and device ms, launches, syncs, top ops), with
 #      DIR/perf_db when the tune step made it (DIR/e2e).
 # All steps take an estimated 13-15 minutes, more than a device session has: pick with STEPS, e.g.
-# "tests e2e" (the end-to-end figures: the tests took 96 s in session 2; e2e is not timed yet, an
-# estimate is 5 minutes, mostly compiling) or "tests tune bench perf_check" (the kernels, about 8 minutes).
+# "tests e2e" (the end-to-end figures: the tests took 96 s in session 2, before tests/test_gpu_step.py; e2e
+# is not timed yet, an estimate is 5 minutes, mostly compiling) or "tests tune bench perf_check" (the kernels, about 8 minutes).
 # Knobs (environment): STEPS (default: all, in the order above), TUNE_SECONDS (default 150), JOBS
 # (default min(8, CPUs)), PYTHON (default python3), TOTAL_SECONDS (default 480: every step's limit is
 # cut to what is left of it; a step cut short fails and says so).
@@ -110,7 +113,7 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; 
 fi
 
 # --- tests: the GPU test tier ---------------------------------------------------------------------
-step tests 150 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m gpu -p no:cacheprovider --junitxml "$DIR/tests.xml" tests
+step tests 240 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -m gpu -p no:cacheprovider --junitxml "$DIR/tests.xml" tests
 
 # --- generate: the generator end to end on this GPU (the demo pair: every policy, fidelity vs dense) ---
 step generate 90 "$PYTHON" -m dustin_kernels.generate --demo --device cuda --fidelity
