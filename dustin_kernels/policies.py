@@ -35,6 +35,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from . import VerifyPlan, attention_scores, attention_scores_layers, dense_verify, select_tokens, sparse_verify
+from .measurement import used_kv_heads
 from .models import KVCache, ModelConfig
 from .ops.scores import MAX_LAYERS
 
@@ -199,7 +200,7 @@ def key_bytes(config: ModelConfig, heads_of: dict, tokens: torch.Tensor, itemsiz
     """K bytes (an int64 scalar on tokens' device: no host sync) that scoring `tokens` [B] keys per
     sequence reads for the KV heads that the q heads of `heads_of` {layer: q heads} use."""
     group = config.num_heads // config.num_kv_heads
-    kv_heads = sum(len({h // group for h in heads}) for heads in heads_of.values())
+    kv_heads = sum(used_kv_heads(heads, group) for heads in heads_of.values())
     return kv_heads * config.head_dim * itemsize * tokens.long().sum()
 
 
