@@ -61,8 +61,20 @@ class Sampler:
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+    def noise(self, batch: int, gamma: int, device: torch.device) -> torch.Tensor:
+        """float32[B, 2 * gamma + 1] uniforms in [0, 1) for one step, from `generator`: the gamma draft draws,
+        the gamma acceptance tests, the final draw. Drawn outside the step, so a compiled step stays one graph
+        and gives the eager step's tokens for the same seed."""
+        return torch.rand(batch, 2 * gamma + 1, generator=self.generator, device=device)
+
+
+def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: int64[B] tokens distributed as probs [B, V], one uniform u [B] in [0, 1) per row; never
+    a token of probability 0 (the point drawn stays below the total mass)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -79,17 +91,17 @@ def accept_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[to
     return n, best.gather(1, n[:, None])[:, 0]
 
 
-def accept_sampling(drafts, draft_probs, target_probs, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_sampling(drafts, draft_probs, target_probs, noise) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling: drafts int64[B, gamma] drawn from draft_probs [B, gamma, V]; target_probs
-    [B, gamma + 1, V]. Returns (accepted int64[B], next token int64[B]) distributed as the target."""
+    [B, gamma + 1, V]; noise float32[B, gamma + 1] uniforms independent of the drafts' (gamma acceptance tests,
+    then the draw). Returns (accepted int64[B], next token int64[B]) distributed as the target."""
     B, gamma = drafts.shape
     p = target_probs[:, :gamma].gather(2, drafts[..., None])[..., 0]
     q = draft_probs.gather(2, drafts[..., None])[..., 0]
-    u = torch.rand(B, gamma, generator=sampler.generator, device=drafts.device)
-    n = (u * q < p).long().cumprod(1).sum(1)
+    n = (noise[:, :gamma] * q < p).long().cumprod(1).sum(1)
     rows = torch.arange(B, device=drafts.device)
     q_next = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]  # zeros after gamma
-    return n, sampler.sample(residual(target_probs[rows, n], q_next))
+    return n, sample(residual(target_probs[rows, n], q_next), noise[:, gamma])
 
 
 @dataclasses.dataclass
@@ -152,11 +164,14 @@ def start(draft: Transformer | None, target: Transformer, prompts: Sequence[Sequ
 @trusted_inputs()  # lengths and selections are built by this driver: no per-layer host syncs to check them
 def speculative_step(draft: Transformer | None, target: Transformer, draft_cache: KVCache | None,
                      target_cache: KVCache, state: State, policy=Dense(), sampler: Sampler = Sampler(),
-                     gamma: int = 4, probe: Probe | None = None) -> Step:
+                     gamma: int = 4, probe: Probe | None = None, noise: torch.Tensor | None = None) -> Step:
     """One draft-propose / target-verify / accept step for the whole batch; returns tokens and counts.
-    probe: records the sparse verification's fidelity against dense verification (`fidelity.py`)."""
+    probe: records the sparse verification's fidelity against dense verification (`fidelity.py`).
+    noise: the step's uniforms when sampling (`Sampler.noise`; drawn here when None)."""
     T = gamma + 1
     lens = state.lens
+    if not sampler.greedy and noise is None:
+        noise = sampler.noise(len(lens), gamma, lens.device)
     vocab = target.config.vocab_size if draft is None else min(target.config.vocab_size, draft.config.vocab_size)
     token = state.pending[:, None]
     drafts, draft_probs = [], []
@@ -175,7 +190,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
                 token = logits.argmax(-1, keepdim=True)
             else:
                 draft_probs.append(sampler.probs(logits))
-                token = sampler.sample(draft_probs[-1])[:, None]
+                token = sample(draft_probs[-1], noise[:, i])[:, None]
             drafts.append(token)
     drafts = torch.cat(drafts, 1) if drafts else state.pending.new_zeros(len(lens), 0)
 
@@ -201,7 +216,7 @@ def speculative_step(draft: Transformer | None, target: Transformer, draft_cache
         n, nxt = accept_greedy(drafts, logits)
     else:
         probs = torch.stack(draft_probs, 1) if draft_probs else logits.new_zeros(len(lens), 0, vocab)
-        n, nxt = accept_sampling(drafts, probs, sampler.probs(logits), sampler)
+        n, nxt = accept_sampling(drafts, probs, sampler.probs(logits), noise[:, gamma:])
     rows = torch.arange(len(lens), device=lens.device)
     tokens = torch.cat([drafts, torch.zeros_like(nxt)[:, None]], 1)
     tokens[rows, n] = nxt
@@ -303,7 +318,8 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
     prompt + max_new_tokens + gamma). draft=None with gamma=0 is plain decoding by the target.
     fidelity: also measure each sparse step against dense verification (`fidelity.py`; slower, same tokens).
     compile: run each step as one `torch.compile(fullgraph=True)` graph (`compiled_step`; True: Inductor,
-    CUDA graphs on CUDA; a string names another torch.compile backend); greedy only, not with fidelity.
+    CUDA graphs on CUDA; a string names another torch.compile backend), not with fidelity; when sampling,
+    each step's uniforms are drawn before it (`Sampler.noise`), so it gives the eager step's tokens.
     Returns the new tokens of each sequence and the `Stats`."""
     B = len(prompts)
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -322,9 +338,8 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
                          f"the cache of {max_len}")
     name = policy.name if draft is not None else "plain" if policy.name == "dense" else f"plain/{policy.name}"
     stats = Stats(name, gamma, accept_hist=[0] * (gamma + 1))
-    if compile and (fidelity or not sampler.greedy):
-        raise ValueError("compile: the compiled step is greedy and unprobed (sampling draws from a torch.Generator, "
-                         "which torch.compile does not trace; fidelity reads the host)")
+    if compile and fidelity:
+        raise ValueError("compile: the compiled step is unprobed (fidelity reads the host); pass one of them")
     step_fn = compiled_step("inductor" if compile is True else compile, target.device.type) if compile \
         else speculative_step
     probe = Probe() if fidelity else None
@@ -352,7 +367,8 @@ def generate(draft: Transformer | None, target: Transformer, prompts: Sequence[S
             scores = scores + policy.score_bytes(draft, target, state.lens, gamma + 1, state.active, state.estimate)
             if compile and target.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # this step's replay may reuse the last one's memory
-            step = step_fn(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe)
+            noise = None if sampler.greedy else sampler.noise(B, gamma, target.device)
+            step = step_fn(draft, target, draft_cache, target_cache, state, policy, sampler, gamma, probe, noise)
             emitted = torch.cat([step.tokens, step.counts[:, None]], 1).tolist()  # the step's one host sync
             before, ended = sum(map(len, out)), False
             for b, (*tokens, count) in enumerate(emitted):

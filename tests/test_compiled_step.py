@@ -93,9 +93,21 @@ def test_graphs_past_torch_recompile_limit(pair):
             generate(draft, target, prompts, max_new_tokens=2, eos_ids=(), policy=policy, compile="aot_eager")
 
 
-def test_compile_refuses_sampling_and_fidelity(pair):
+@pytest.mark.parametrize("name", ["plain", "dustin"])
+def test_compiled_sampling_equals_eager(pair, name):
+    """Sampling (temperature 1, top-p 0.9) compiles too: each step's uniforms are drawn before it, so the
+    compiled step gives the eager step's tokens for the same seed."""
     draft, target = pair
-    with pytest.raises(ValueError, match="compile: the compiled step is greedy"):
-        generate(draft, target, [[1, 5, 6]], compile=True, sampler=Sampler(1.0))
-    with pytest.raises(ValueError, match="compile"):
+    prompts = [testbed.prompt(SPEC, n, seed=s)[0] for s, n in ((0, 500), (1, 430))]
+    policy = make_policy("dense" if name == "plain" else name, testbed.profile(SPEC), budget=64)
+    kw = dict(max_new_tokens=8, eos_ids=(), policy=policy, gamma=0 if name == "plain" else 4)
+    model = None if name == "plain" else draft
+    runs = [generate(model, target, prompts, sampler=Sampler(1.0, 0.9, torch.Generator().manual_seed(3)),
+                     compile=backend, **kw) for backend in (False, "aot_eager")]
+    assert runs[0].tokens == runs[1].tokens and runs[0].stats.accept_hist == runs[1].stats.accept_hist
+
+
+def test_compile_refuses_fidelity(pair):
+    draft, target = pair
+    with pytest.raises(ValueError, match="compile: the compiled step is unprobed"):
         generate(draft, target, [[1, 5, 6]], compile=True, fidelity=True)

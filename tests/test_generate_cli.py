@@ -249,7 +249,7 @@ def test_bad_inputs(pair, other_vocab, capsys, tmp_path):
     (["--demo", "--layers", "1"], "--layers must be >= 2"),
     (["--max-len", "0"], "--max-len: expected a positive number"),
     (["--estimate-every", "0"], "--estimate-every: expected steps >= 1, got 0"),
-    (["--compile", "--temperature", "0.5"], "--compile: the compiled step is greedy"),
+    (["--compile", "--fidelity"], "--compile: the compiled step is unprobed"),
     ([], "--target and --draft are required"),
 ])
 def test_bad_arguments(capsys, argv, message):

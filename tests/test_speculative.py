@@ -12,7 +12,8 @@ from dustin_kernels import speculative
 from dustin_kernels.models import ModelConfig, Transformer, causal_attention, init_random
 from dustin_kernels.policies import (Dense, DraftAttention, Dustin, RetrievalProfile, Streaming, VerifyContext,
                                      make_policy)
-from dustin_kernels.speculative import Sampler, accept_greedy, accept_sampling, generate, speculative_step, start
+from dustin_kernels.speculative import (Sampler, accept_greedy, accept_sampling, generate, sample, speculative_step,
+                                        start)
 
 VOCAB = 48
 
@@ -217,6 +218,13 @@ def chi_square_rejects(counts, probs, n) -> tuple[float, float]:
     return stat, k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
 
 
+def test_sample_by_inverse_cdf_never_draws_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    below_one = 1 - 2.0 ** -24
+    assert sample(probs, torch.tensor([0.0, below_one, below_one])).tolist() == [1, 1, 3]
+    assert sample(probs, torch.tensor([0.3, 0.5, 0.5])).tolist() == [2, 1, 2]  # a point on a cdf step: the next
+
+
 def wrong_residual(p, q):
     return p  # resampling from the target after a rejection (a classic bug) biases towards the draft
 
@@ -227,11 +235,10 @@ def test_accept_sampling_first_token_is_target_distributed(rule, monkeypatch):
     V, n = 5, 20000
     p = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
     q = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
-    sampler = Sampler(1.0, generator=g)
     if rule == "wrong":
         monkeypatch.setattr(speculative, "residual", wrong_residual)
     drafts = torch.multinomial(q.expand(n, V), 1, replacement=True, generator=g)
-    acc, nxt = accept_sampling(drafts, q.expand(n, 1, V), p.expand(n, 2, V), sampler)
+    acc, nxt = accept_sampling(drafts, q.expand(n, 1, V), p.expand(n, 2, V), torch.rand(n, 2, generator=g))
     first = torch.where(acc > 0, drafts[:, 0], nxt)
     stat, critical = chi_square_rejects(torch.bincount(first, minlength=V).float(), p, n)
     assert (stat > critical) == (rule == "wrong"), (stat, critical)

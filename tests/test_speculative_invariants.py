@@ -21,7 +21,7 @@ def test_bonus_token_after_all_drafts_accepted_follows_the_last_target_distribut
     draft_probs = drafted.expand(n, gamma, 4)
     target_probs = torch.cat([drafted, bonus[None]]).expand(n, gamma + 1, 4)
     drafts = torch.multinomial(draft_probs.reshape(-1, 4), 1, generator=g).reshape(n, gamma)
-    accepted, nxt = accept_sampling(drafts, draft_probs, target_probs, Sampler(1.0, generator=g))
+    accepted, nxt = accept_sampling(drafts, draft_probs, target_probs, torch.rand(n, gamma + 1, generator=g))
     assert (accepted == gamma).all()
     counts = torch.bincount(nxt, minlength=4).double()
     expected = bonus.double() * n
