@@ -54,8 +54,9 @@ DRAFT_SINK_PULL = 8.0  # the draft's induction heads also pay this logit to <s>
 @dataclasses.dataclass(frozen=True)
 class TestbedSpec:
     """A model pair: the target's attention `shape` (q heads, KV heads, head dim, layers) and family;
-    the draft is 2 layers of the same shape. `sharpness`: the target's induction logit on its match;
-    `draft_noise`: the share of the draft's induction query that is noise."""
+    the draft is 2 layers of the same shape, or with `draft_kv_heads` KV heads (a divisor of the q heads:
+    a draft whose KV cache is narrower than the target's, as real drafts are). `sharpness`: the target's
+    induction logit on its match; `draft_noise`: the share of the draft's induction query that is noise."""
     __test__ = False  # not a pytest class
 
     shape: AttentionShape = AttentionShape(4, 2, 64, 4)
@@ -68,6 +69,7 @@ class TestbedSpec:
     rope_theta: float = 1e10
     sharpness: float = 24.0
     draft_noise: float = 0.8
+    draft_kv_heads: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -78,9 +80,19 @@ class TestbedSpec:
                              f"and one value, got {self.filler}, {self.keys}, {self.values}")
         if self.shape.layers < 2 or self.shape.head_dim % 16:
             raise ValueError(f"shape: expected >= 2 layers and a head dim divisible by 16, got {self.shape}")
+        if self.draft_kv_heads is not None and not (
+                isinstance(self.draft_kv_heads, int) and self.draft_kv_heads >= 1
+                and self.shape.q_heads % self.draft_kv_heads == 0 and self.draft_kv_heads <= self.shape.kv_heads):
+            raise ValueError(f"draft_kv_heads: expected None or a divisor of the {self.shape.q_heads} q heads, at most "
+                             f"the target's {self.shape.kv_heads} KV heads, got {self.draft_kv_heads!r}")
         if self.tok_dims + 2 * len(self.pairs["slow"]) + 1 > self.hidden:
             raise ValueError(f"shape: hidden {self.hidden} cannot hold {self.tok_dims} token dims and the codes; "
                              "use fewer filler / key / value words or a wider shape")
+
+    @property
+    def draft_shape(self) -> AttentionShape:
+        """The draft's attention shape: 2 layers, the target's heads or `draft_kv_heads` KV heads."""
+        return dataclasses.replace(self.shape, layers=2, kv_heads=self.draft_kv_heads or self.shape.kv_heads)
 
     @property
     def hidden(self) -> int:
@@ -121,25 +133,31 @@ class TestbedSpec:
         return ["previous"] + ["write" if i == layers - 1 else "retrieve" if i in self.retrieval_layers else "pass"
                                for i in range(1, layers)]
 
-    def head_roles(self, layer_role: str) -> list[str]:
-        """Per q head of a layer: the first head of each KV group has the layer's role (in layer 0, only head
-        0 is the previous-token head); the others alternate 'sink' and 'local' decoys."""
-        G = self.shape.group
+    def head_roles(self, layer_role: str, group: int | None = None) -> list[str]:
+        """Per q head of a layer whose KV groups hold `group` q heads (default: the target's): the first head
+        of each KV group has the layer's role (in layer 0, only head 0 is the previous-token head); the
+        others alternate 'sink' and 'local' decoys."""
+        G = group or self.shape.group
         return ["previous" if layer_role == "previous" and h == 0
                 else layer_role if h % G == 0 and layer_role in ("retrieve", "write")
                 else ("sink", "local")[(h + h // G) % 2] for h in range(self.shape.q_heads)]
 
-    def retrieval_heads(self) -> tuple[int, ...]:
-        """The q heads that retrieve in a retrieval layer: the first of each KV group."""
-        return tuple(range(0, self.shape.q_heads, self.shape.group))
+    def retrieval_heads(self, shape: AttentionShape | None = None) -> tuple[int, ...]:
+        """The q heads that retrieve in a retrieval layer of `shape` (default: the target's): the first of each
+        KV group."""
+        shape = shape or self.shape
+        return tuple(range(0, shape.q_heads, shape.group))
 
-    def config(self, layers: int) -> dict:
-        """The Hugging Face config.json of a model of this spec with `layers` layers."""
-        s = self.shape
+    def configs(self) -> tuple[dict, dict]:
+        """The Hugging Face config.json of the draft and of the target."""
+        return self.config(self.draft_shape), self.config(self.shape)
+
+    def config(self, s: AttentionShape) -> dict:
+        """The Hugging Face config.json of a model of this spec with attention shape `s`."""
         arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.family]
         return {"architectures": [arch], "model_type": self.family, "vocab_size": self.tok_dims,
                 "hidden_size": self.hidden, "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": layers, "num_attention_heads": s.q_heads, "num_key_value_heads": s.kv_heads,
+                "num_hidden_layers": s.layers, "num_attention_heads": s.q_heads, "num_key_value_heads": s.kv_heads,
                 "head_dim": s.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_positions,
                 "rms_norm_eps": 1e-6, "rope_theta": self.rope_theta, "tie_word_embeddings": True,
                 "bos_token_id": BOS, "eos_token_id": EOS, "torch_dtype": "float32"}
@@ -188,7 +206,7 @@ def build(spec: TestbedSpec) -> tuple[dict, dict]:
     is 100 MB)."""
     g = torch.Generator().manual_seed(spec.seed)
     s, H, V = spec.shape, spec.hidden, spec.tok_dims
-    D, half, G = s.head_dim, s.head_dim // 2, s.group
+    D, half = s.head_dim, s.head_dim // 2
     pairs = spec.pairs
     P = 2 * len(pairs["slow"])
     prev_dims, one = list(range(V, V + P)), V + P
@@ -206,24 +224,27 @@ def build(spec: TestbedSpec) -> tuple[dict, dict]:
     embed[torch.arange(V), torch.arange(V)] = 1.0
     embed[:, one] = 1.0
 
-    def layer(role_of_layer: str, retrieval_code, retrieval_logit: float, sink_pull: float) -> dict:
-        """One decoder layer; role_of_layer: 'previous' (layer 0), 'retrieve', 'write' or 'pass'."""
+    def layer(role_of_layer: str, kv_heads: int, retrieval_code, retrieval_logit: float, sink_pull: float) -> dict:
+        """One decoder layer with `kv_heads` KV heads; role_of_layer: 'previous' (layer 0), 'retrieve', 'write'
+        or 'pass'. The identity codes of fewer KV heads than the target's are rescaled to the same copy logit."""
         r = math.sqrt((2 if role_of_layer == "previous" else 3) / H)  # RMS of the residual this layer reads
+        G = s.q_heads // kv_heads
+        ident = identity[:kv_heads * D] * math.sqrt(s.kv_heads / kv_heads)
         q = torch.zeros(s.q_heads, D, H)
-        k = torch.zeros(s.kv_heads, D, H)
-        v = torch.zeros(s.kv_heads, D, H)
+        k = torch.zeros(kv_heads, D, H)
+        v = torch.zeros(kv_heads, D, H)
         o = torch.zeros(H, s.q_heads, D)
         slow = _rotary(pairs["slow"], half)
         local, sink = pairs["local"][0], pairs["sink"][0]
         amp = (prev_c * PREVIOUS_SHARPNESS).sqrt() * root
         angle = theta[pairs["fast"]]
-        for j in range(s.kv_heads):  # every KV head carries every pattern's key
+        for j in range(kv_heads):  # every KV head carries every pattern's key
             k[j, pairs["fast"], one] = amp * r
             k[j, local, one] = math.sqrt(LOCAL_LOGIT) * root * r
             k[j, sink, BOS] = math.sqrt(SINK_LOGIT) * root * r
             k[j][torch.tensor(slow)[:, None], torch.tensor(prev_dims)] = torch.eye(P) * root * r
-            v[j, :, :V] = identity[j * D:(j + 1) * D] * r
-        for h, role in enumerate(spec.head_roles(role_of_layer)):
+            v[j, :, :V] = ident[j * D:(j + 1) * D] * r
+        for h, role in enumerate(spec.head_roles(role_of_layer, G)):
             if role == "previous":
                 q[h, pairs["fast"], one] = amp * torch.cos(angle) * r
                 q[h, [p + half for p in pairs["fast"]], one] = -amp * torch.sin(angle) * r
@@ -234,7 +255,7 @@ def build(spec: TestbedSpec) -> tuple[dict, dict]:
                 q[h][torch.tensor(slow)[:, None], torch.arange(V)] = retrieval_code.T * retrieval_logit * root * r
                 q[h, sink, one] = sink_pull * root / math.sqrt(SINK_LOGIT) * r
                 if role == "write":
-                    o[:V, h, :] = COPY_GAIN * identity[(h // G) * D:(h // G + 1) * D].T
+                    o[:V, h, :] = COPY_GAIN * ident[(h // G) * D:(h // G + 1) * D].T
             elif role == "sink":
                 q[h, sink, one] = math.sqrt(SINK_LOGIT) * root * r
             else:
@@ -242,10 +263,10 @@ def build(spec: TestbedSpec) -> tuple[dict, dict]:
         return {"self_attn.q_proj.weight": q.reshape(-1, H), "self_attn.k_proj.weight": k.reshape(-1, H),
                 "self_attn.v_proj.weight": v.reshape(-1, H), "self_attn.o_proj.weight": o.reshape(H, -1)}
 
-    def model(roles: list[str], retrieval_code, retrieval_logit, sink_pull) -> dict:
+    def model(shape: AttentionShape, retrieval_code, retrieval_logit, sink_pull) -> dict:
         state = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(H)}
-        for i, role in enumerate(roles):
-            weights = layer(role, retrieval_code, retrieval_logit, sink_pull)
+        for i, role in enumerate(spec.layer_roles(shape.layers)):
+            weights = layer(role, shape.kv_heads, retrieval_code, retrieval_logit, sink_pull)
             weights |= {"input_layernorm.weight": torch.ones(H),
                         "post_attention_layernorm.weight": torch.ones(H),
                         "mlp.gate_proj.weight": torch.zeros(spec.intermediate_size, H),
@@ -259,8 +280,8 @@ def build(spec: TestbedSpec) -> tuple[dict, dict]:
             state |= {f"model.layers.{i}.{name}": w for name, w in weights.items()}
         return {name: w.contiguous() for name, w in state.items()}
 
-    target = model(spec.layer_roles(s.layers), code, spec.sharpness, 0.0)
-    draft = model(spec.layer_roles(2), draft_code, spec.sharpness, DRAFT_SINK_PULL)
+    target = model(s, code, spec.sharpness, 0.0)
+    draft = model(spec.draft_shape, draft_code, spec.sharpness, DRAFT_SINK_PULL)
     return draft, target
 
 
@@ -313,10 +334,10 @@ def write(spec: TestbedSpec, folder) -> dict[str, Path]:
 
     folder = Path(folder)
     paths = {}
-    for who, state, layers in zip(("draft", "target"), build(spec), (2, spec.shape.layers)):
+    for who, state, config in zip(("draft", "target"), build(spec), spec.configs()):
         path = folder / who
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(spec.config(layers), indent=1))
+        (path / "config.json").write_text(json.dumps(config, indent=1))
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
         tokenizer(spec).save(str(path / "tokenizer.json"))
         (path / "tokenizer_config.json").write_text(json.dumps(  # transformers: this tokenizer.json, as it is
@@ -342,9 +363,9 @@ def models(spec: TestbedSpec, *, device="cpu", dtype=torch.float32):
     from .models import ModelConfig, Transformer
 
     pair = []
-    for state, layers in zip(build(spec), (2, spec.shape.layers)):
+    for state, config in zip(build(spec), spec.configs()):
         with torch.device("meta"):
-            model = Transformer(ModelConfig.from_hf(spec.config(layers)))
+            model = Transformer(ModelConfig.from_hf(config))
         model.load_state_dict({k.removeprefix("model."): v.to(device, dtype) for k, v in state.items()}, strict=False,
                               assign=True)
         model.tie_weights()
@@ -354,8 +375,8 @@ def models(spec: TestbedSpec, *, device="cpu", dtype=torch.float32):
 
 def profile(spec: TestbedSpec, m: int | None = None):
     """The `RetrievalProfile` of the built heads: the draft's writer layer, the target's first retrieval
-    layer (its writer when it has only one), the induction head of each KV group."""
+    layer (its writer when it has only one), the induction head of each KV group of each model."""
     from .policies import RetrievalProfile
 
-    heads = spec.retrieval_heads()
-    return RetrievalProfile({1: heads}, spec.retrieval_layers[0], heads, m, source="testbed")
+    return RetrievalProfile({1: spec.retrieval_heads(spec.draft_shape)}, spec.retrieval_layers[0],
+                            spec.retrieval_heads(), m, source="testbed")

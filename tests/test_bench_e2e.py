@@ -58,8 +58,10 @@ def test_compiled_run_builds_its_graph_in_the_warm_up(tmp_path):
     bench = load()
     torch._dynamo.reset()  # no graph left by another test
     assert bench.main(["--out", str(tmp_path), "--contexts", "300", "--batches", "1", "--new-tokens", "8",
-                       "--policies", "dustin", "--compile", "aot_eager"]) == 0
-    (row,) = json.loads((tmp_path / "bench_e2e.json").read_text())["rows"]
+                       "--policies", "dustin", "--compile", "aot_eager", "--draft-kv-heads", "1"]) == 0
+    result = json.loads((tmp_path / "bench_e2e.json").read_text())
+    (row,) = result["rows"]
+    assert result["meta"]["testbed"]["draft_kv_heads"] == 1 and row["recall"] == 1.0
     assert row["graphs_built"] >= 1 and row["graphs_built_timed"] == 0 and row["compile_s"] > 0
     assert row["ops_per_step"] > 0 and row["ms_per_step_eager"] > 0
 
@@ -152,7 +154,7 @@ def test_profile_needs_a_draft_range_per_step():
 
 def test_bad_arguments(tmp_path, capsys):
     bench = load()
-    for argv in (["--budget", "8"], ["--contexts", "10"]):
+    for argv in (["--budget", "8"], ["--contexts", "10"], ["--draft-kv-heads", "3"]):
         with pytest.raises(SystemExit) as exc:
             bench.main(["--out", str(tmp_path), *argv])
         assert exc.value.code == 2

@@ -152,3 +152,23 @@ def test_calibrate_finds_the_retrieval_heads_and_reaches_dense_recall(tmp_path, 
         rows = {r["policy"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
         assert testbed.recall(rows["dense"]["token_ids"][0], values) == 1.0
         assert testbed.recall(rows["dustin"]["token_ids"][0], values) == 1.0
+
+
+def test_a_narrower_draft_drafts_and_retrieves_as_well(prompts):
+    """draft_kv_heads=1: the draft's KV cache is half the target's per layer (real drafts are narrower); its
+    retrieval head is q head 0, and dense and dustin recall every value at the default draft's acceptance."""
+    spec = dataclasses.replace(SPEC, draft_kv_heads=1)
+    draft, target = testbed.models(spec)
+    assert draft.config.num_kv_heads == 1 and target.config.num_kv_heads == SPEC.shape.kv_heads
+    profile = testbed.profile(spec)
+    assert profile.draft_heads == {1: (0,)} and profile.target_heads == SPEC.retrieval_heads()
+    wide, wide_accept = recalls(*testbed.models(SPEC), prompts, make_policy("dense"), gamma=4)
+    for name in ("dense", "dustin"):
+        got, accept = recalls(draft, target, prompts, make_policy(name, profile, budget=64), gamma=4)
+        assert got == wide == [1.0] * 4 and accept == wide_accept, name
+
+
+@pytest.mark.parametrize("kv", [0, 3, 4, 1.0])
+def test_bad_draft_kv_heads(kv):
+    with pytest.raises(ValueError, match="draft_kv_heads: expected None or a divisor of the 4 q heads"):
+        dataclasses.replace(SPEC, draft_kv_heads=kv)

@@ -4,7 +4,7 @@ profile of the eager step that says where its time goes on the host and on the d
 shape (Qwen2.5-72B target + 0.5B draft, batch 16, 32K, budget 512) computed from the measured H200 per-op
 timings of `tools/results/h200-session2` and the byte counts of the models.
 
-    python tools/bench_e2e.py [--out DIR] [--shape PRESET] [--layers N] [--contexts 2048 4096]
+    python tools/bench_e2e.py [--out DIR] [--shape PRESET] [--layers N] [--draft-kv-heads N] [--contexts 2048 4096]
         [--batches 1 4] [--policies plain dense dustin streaming quest] [--budget 64] [--gamma 4]
         [--new-tokens 16] [--device cuda] [--dtype bf16] [--compile [BACKEND]]
 
@@ -370,6 +370,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=codegen.cache_dir().parent / "bench_e2e")
     p.add_argument("--shape", choices=sorted(PRESETS), help="target attention shape (default: the testbed's)")
     p.add_argument("--layers", type=int, default=4, help="target layers (default 4)")
+    p.add_argument("--draft-kv-heads", type=int, help="the draft's KV heads (default: the target's; fewer make its "
+                   "KV cache narrower, as real drafts are: a divisor of the q heads, at most the target's KV heads)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     p.add_argument("--policies", nargs="+", default=["plain", "dense", "dustin", "streaming", "quest"],
@@ -389,6 +391,12 @@ def parse(argv=None) -> argparse.Namespace:
     if args.budget < 20:
         p.error(f"--budget: expected at least sink + recent = 20 tokens, got {args.budget}")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
+    positions = max(args.contexts) + max(args.new_tokens, warm_tokens(args.gamma)) + args.gamma
+    try:
+        args.spec = dataclasses.replace(testbed.sized(args.shape, args.layers, positions, args.seed),
+                                        draft_kv_heads=args.draft_kv_heads)
+    except ValueError as err:
+        p.error(f"the testbed: {err}")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -421,8 +429,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.device.type == "cpu":
         torch.set_num_threads(1)
-    positions = max(args.contexts) + max(args.new_tokens, warm_tokens(args.gamma)) + args.gamma
-    spec = testbed.sized(args.shape, args.layers, positions, args.seed)
+    spec = args.spec
     bandwidth = copy_gbs(args.device)
     draft, target = testbed.models(spec, device=args.device, dtype=DTYPES[args.dtype])
     rows, top = [], []

@@ -122,7 +122,7 @@ def make_spec(args) -> testbed.TestbedSpec:
 def retrieval_profile(args) -> RetrievalProfile:
     if args.profile is None:
         return testbed.profile(args.spec)
-    configs = (ModelConfig.from_hf(args.spec.config(layers)) for layers in (2, args.spec.shape.layers))
+    configs = (ModelConfig.from_hf(config) for config in args.spec.configs())
     return RetrievalProfile.load(args.profile, *configs)
 
 

@@ -24,7 +24,8 @@
 #   bench: tools/bench_kernels.py on the same shapes, with dispatch reading DIR/perf_db;
 #   perf_check: DIR/perf_db validated, its coverage and compiles checked, its entries re-measured
 #      against the default rule and the dense baseline (tools/perf_check.py --gpu);
-#   e2e: tools/bench_e2e.py on the retrieval testbed at the Qwen2.5-7B attention shape (12 layers),
+#   e2e: tools/bench_e2e.py on the retrieval testbed at the Qwen2.5-7B attention shape (12 layers; the draft
+#      with 1 KV head: its cache a quarter of the target's per layer, as Qwen2.5-0.5B's is of Qwen2.5-7B's),
 #      batch 4, contexts 8K/16K/32K, budget 512: plain / dense / dustin / streaming / quest, each step one
 #      compiled graph replayed as a CUDA graph (one Inductor compile per policy: most of this step's time),
 #      and the eager step profiled by phase (host and device ms, launches, syncs, top ops), with
@@ -135,7 +136,7 @@ step perf_check 120 "$PYTHON" tools/perf_check.py --db "$DIR/perf_db" --gpu --jo
 # --- e2e: the retrieval testbed at the Qwen2.5-7B attention shape, compiled steps ---------------------
 [ -d "$DIR/perf_db" ] && export DUSTIN_PERF_DB="$DIR/perf_db"
 step e2e 360 "$PYTHON" tools/bench_e2e.py --device cuda --shape qwen2.5-7b --layers 12 --contexts 8192 16384 32768 \
-    --batches 4 --budget 512 --new-tokens 32 --compile --out "$DIR/e2e"
+    --draft-kv-heads 1 --batches 4 --budget 512 --new-tokens 32 --compile --out "$DIR/e2e"
 
 echo "gpu_check: $([ $FAILED -eq 0 ] && echo OK || echo FAILED) in $((SECONDS - START)) s; results in $DIR" \
     | tee -a "$DIR/summary.txt"
