@@ -79,15 +79,14 @@ def test_chunk_merge_under_concurrency(chunk):
             assert torch.equal(idx.cpu().long(), want_idx) and torch.equal(count.cpu().long(), want_count)
 
 
-def _draft_layers(batch, seq_lens, n_max, seed, layers=3, q_heads=14, kv_heads=2, head_dim=64):
+DRAFT_HEADS = [[0, 3, 7, 10], [1, 2, 8, 13], [4, 5, 6, 11]]  # 4 of 14 q heads in each of 3 retrieval layers
+
+
+def _draft_layers(batch, n_max, seed):
     """The 0.5B draft's retrieval layers: per layer q [B, 14, T, 64], K and V [B, 2, n_max, 64], bf16."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    shape = lambda heads, rows: (batch, heads, rows, head_dim)  # noqa: E731
-    return [tuple(torch.randn(shape(h, r), device="cuda", generator=g).bfloat16()
-                  for h, r in ((q_heads, T), (kv_heads, n_max), (kv_heads, n_max))) for _ in range(layers)]
-
-
-DRAFT_HEADS = [[0, 3, 7, 10], [1, 2, 8, 13], [4, 5, 6, 11]]
+    shapes = ((batch, 14, T, 64), (batch, 2, n_max, 64), (batch, 2, n_max, 64))
+    return [tuple(torch.randn(s, device="cuda", generator=g).bfloat16() for s in shapes) for _ in DRAFT_HEADS]
 
 
 def test_captured_selection_and_verification_replays():
@@ -96,7 +95,7 @@ def test_captured_selection_and_verification_replays():
     lengths written into the captured buffers: each replay's scores, selection and attention equal the
     references computed from that replay's inputs."""
     q, k, v, seq_lens, _, _ = _verify_problem(batch=4, context=4096)
-    layers = _draft_layers(4, seq_lens, k.shape[2], seed=2)
+    layers = _draft_layers(4, k.shape[2], seed=2)
     s_target = torch.rand(4, k.shape[2], device="cuda")
     outputs = {}
 
